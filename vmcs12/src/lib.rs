@@ -19,3 +19,4 @@ pub use vmcs::Vmcs12;
 pub mod caps;
 pub mod controls;
 pub use caps::{VmxCapabilities, VMCS_REVISION_ID};
+pub mod entry;
