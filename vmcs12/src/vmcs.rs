@@ -20,8 +20,8 @@ impl Default for Vmcs12 {
     }
 }
 
-impl std::fmt::Debug for Vmcs12 {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for Vmcs12 {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let mut m = f.debug_map();
         for (field, value) in self.non_zero() {
             m.entry(&field.name(), &format_args!("{value:#x}"));
