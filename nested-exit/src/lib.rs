@@ -7,8 +7,19 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod decide;
+pub mod ept;
+pub mod exit;
 pub mod exit_info;
 pub mod state;
+pub mod transfer;
+pub mod walk;
 
+pub use decide::{decide, Decision, Disposition, L0Policy};
+pub use exit::{Exit, ExitContext, ExitDecodeError};
 pub use exit_info::ExitInfo;
 pub use state::{DescriptorTable, Gprs, PendingEvent, Segment, VcpuState, VmxMsrs};
+pub use transfer::{
+    load_vmcs12_host_state, merge_cr, prepare_vmcs02, prepare_vmcs12, unmerge_cr, EntryFailure,
+    MsrAccess, MsrEntry, Vmcs02, VmxAbort,
+};

@@ -95,8 +95,47 @@ pub struct VmxMsrs {
     pub perf_global_ctrl: u64,
     /// IA32_BNDCFGS.
     pub bndcfgs: u64,
-    /// IA32_FS_BASE (also in `fs.base`; kept here for MSR-area loads).
+    /// IA32_KERNEL_GS_BASE (the SWAPGS value; IA32_FS_BASE and
+    /// IA32_GS_BASE live in `fs.base` and `gs.base`).
     pub kernel_gs_base: u64,
+}
+
+/// Architectural MSR indices that VMX transitions touch (SDM Vol. 4).
+pub mod msr_index {
+    /// IA32_BIOS_UPDT_TRIG (microcode update trigger).
+    pub const IA32_BIOS_UPDT_TRIG: u32 = 0x79;
+    /// IA32_BIOS_SIGN_ID (microcode revision).
+    pub const IA32_BIOS_SIGN_ID: u32 = 0x8b;
+    /// IA32_SMM_MONITOR_CTL.
+    pub const IA32_SMM_MONITOR_CTL: u32 = 0x9b;
+    /// IA32_SMBASE (readable only in SMM).
+    pub const IA32_SMBASE: u32 = 0x9e;
+    /// IA32_SYSENTER_CS.
+    pub const IA32_SYSENTER_CS: u32 = 0x174;
+    /// IA32_SYSENTER_ESP.
+    pub const IA32_SYSENTER_ESP: u32 = 0x175;
+    /// IA32_SYSENTER_EIP.
+    pub const IA32_SYSENTER_EIP: u32 = 0x176;
+    /// IA32_DEBUGCTL.
+    pub const IA32_DEBUGCTL: u32 = 0x1d9;
+    /// IA32_PAT.
+    pub const IA32_PAT: u32 = 0x277;
+    /// IA32_PERF_GLOBAL_CTRL.
+    pub const IA32_PERF_GLOBAL_CTRL: u32 = 0x38f;
+    /// First x2APIC MSR (0x800-0x8ff).
+    pub const X2APIC_FIRST: u32 = 0x800;
+    /// Last x2APIC MSR.
+    pub const X2APIC_LAST: u32 = 0x8ff;
+    /// IA32_BNDCFGS.
+    pub const IA32_BNDCFGS: u32 = 0xd90;
+    /// IA32_EFER.
+    pub const IA32_EFER: u32 = 0xc000_0080;
+    /// IA32_FS_BASE.
+    pub const IA32_FS_BASE: u32 = 0xc000_0100;
+    /// IA32_GS_BASE.
+    pub const IA32_GS_BASE: u32 = 0xc000_0101;
+    /// IA32_KERNEL_GS_BASE.
+    pub const IA32_KERNEL_GS_BASE: u32 = 0xc000_0102;
 }
 
 /// Everything of a vCPU that VMX transitions read or write.
@@ -170,6 +209,51 @@ impl VcpuState {
         self.msrs.efer & Self::EFER_LMA != 0 && self.cs.ar & (1 << 13) != 0
     }
 
+    /// The value of an MSR this record models (the [`VmxMsrs`] set plus
+    /// IA32_FS_BASE/IA32_GS_BASE, which are the FS/GS bases), or `None`
+    /// for any other index.
+    pub fn msr(&self, index: u32) -> Option<u64> {
+        use msr_index::*;
+        let m = &self.msrs;
+        Some(match index {
+            IA32_EFER => m.efer,
+            IA32_PAT => m.pat,
+            IA32_DEBUGCTL => m.debugctl,
+            IA32_SYSENTER_CS => u64::from(m.sysenter_cs),
+            IA32_SYSENTER_ESP => m.sysenter_esp,
+            IA32_SYSENTER_EIP => m.sysenter_eip,
+            IA32_PERF_GLOBAL_CTRL => m.perf_global_ctrl,
+            IA32_BNDCFGS => m.bndcfgs,
+            IA32_KERNEL_GS_BASE => m.kernel_gs_base,
+            IA32_FS_BASE => self.fs.base,
+            IA32_GS_BASE => self.gs.base,
+            _ => return None,
+        })
+    }
+
+    /// Writes an MSR this record models; returns `false` (and changes
+    /// nothing) for any other index, which the caller must apply itself.
+    pub fn set_msr(&mut self, index: u32, value: u64) -> bool {
+        use msr_index::*;
+        let m = &mut self.msrs;
+        match index {
+            IA32_EFER => m.efer = value,
+            IA32_PAT => m.pat = value,
+            IA32_DEBUGCTL => m.debugctl = value,
+            // The SYSENTER_CS MSR holds 32 significant bits.
+            IA32_SYSENTER_CS => m.sysenter_cs = value as u32,
+            IA32_SYSENTER_ESP => m.sysenter_esp = value,
+            IA32_SYSENTER_EIP => m.sysenter_eip = value,
+            IA32_PERF_GLOBAL_CTRL => m.perf_global_ctrl = value,
+            IA32_BNDCFGS => m.bndcfgs = value,
+            IA32_KERNEL_GS_BASE => m.kernel_gs_base = value,
+            IA32_FS_BASE => self.fs.base = value,
+            IA32_GS_BASE => self.gs.base = value,
+            _ => return false,
+        }
+        true
+    }
+
     /// Current privilege level (CS.DPL; 0 in real mode, 3 in v8086 mode).
     pub fn cpl(&self) -> u8 {
         if self.cr0 & 1 == 0 {
@@ -179,5 +263,45 @@ impl VcpuState {
         } else {
             ((self.cs.ar >> 5) & 3) as u8
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_msr_round_trips_every_modelled_index() {
+        use msr_index::*;
+        let all = [
+            IA32_EFER,
+            IA32_PAT,
+            IA32_DEBUGCTL,
+            IA32_SYSENTER_CS,
+            IA32_SYSENTER_ESP,
+            IA32_SYSENTER_EIP,
+            IA32_PERF_GLOBAL_CTRL,
+            IA32_BNDCFGS,
+            IA32_KERNEL_GS_BASE,
+            IA32_FS_BASE,
+            IA32_GS_BASE,
+        ];
+        let mut s = VcpuState::default();
+        for (i, &idx) in all.iter().enumerate() {
+            assert!(s.set_msr(idx, 0x1000 + i as u64));
+        }
+        for (i, &idx) in all.iter().enumerate() {
+            assert_eq!(s.msr(idx), Some(0x1000 + i as u64), "{idx:#x}");
+        }
+        assert_eq!(s.fs.base, 0x1000 + 9);
+    }
+
+    #[test]
+    fn test_msr_rejects_unmodelled_index() {
+        let mut s = VcpuState::default();
+        let before = s;
+        assert!(!s.set_msr(msr_index::IA32_SMBASE, 5));
+        assert_eq!(s.msr(msr_index::IA32_SMBASE), None);
+        assert_eq!(s, before);
     }
 }

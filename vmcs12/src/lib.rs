@@ -19,10 +19,23 @@ pub mod entry;
 #[cfg(feature = "std")]
 pub mod mem;
 #[cfg(feature = "std")]
+pub mod region;
+#[cfg(feature = "std")]
+pub mod snapshot;
+#[cfg(feature = "std")]
 pub mod vmcs;
+#[cfg(feature = "std")]
+pub mod vmx;
 
 #[cfg(feature = "std")]
+pub use caps::{AdvertisedControls, ControlMsr};
+#[cfg(feature = "std")]
 pub use caps::{VmxCapabilities, VMCS_REVISION_ID};
+#[cfg(feature = "std")]
+pub use entry::{
+    check_vm_entry, check_vm_entry_in, ControlRule, EntryCheckFailure, EntryContext, GuestRule,
+    HostRule,
+};
 pub use field::{
     AccessType, EncodingError, EncodingLayout, FieldAccess, FieldKind, FieldWidth, VmcsField,
 };
@@ -30,4 +43,8 @@ pub use field::{
 pub use mem::{FlatMemory, GuestPhysMemory, OutOfRange};
 pub use outcome::{VmInstructionError, VmxFault, VmxOutcome};
 #[cfg(feature = "std")]
+pub use region::LaunchState;
+#[cfg(feature = "std")]
 pub use vmcs::Vmcs12;
+#[cfg(feature = "std")]
+pub use vmx::{CpuMode, EntryResult, InsnContext, InsnResult, VmxCpu, VmxInstruction};
