@@ -1,4 +1,5 @@
-pub const L1_GUEST_ELF: &str = env!("L1_GUEST_ELF");
+//! `l0-vmm`: see `l0_vmm::cli` for the commands.
+
 fn main() {
-    println!("{}", L1_GUEST_ELF);
+    std::process::exit(l0_vmm::cli::main());
 }

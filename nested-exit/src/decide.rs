@@ -15,7 +15,9 @@ use std::collections::BTreeSet;
 use vmcs12::controls::{PinBased, PrimaryProcBased, SecondaryProcBased};
 use vmcs12::{GuestPhysMemory, Vmcs12, VmcsField};
 
+use crate::ept::{Ept, EptConfig, EptPerms, EptWalk, ViolationContext};
 use crate::exit::{ControlReg, CrAccess, CrAccessType, Exit, InterruptionType, IoQualification};
+use crate::walk::{AccessKind, PageSize};
 
 /// Who handles an exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -845,6 +847,117 @@ fn decide_ept(gpa: u64, what: &str, policy: &L0Policy, c: &Controls) -> Decision
     Decision::reflect(format!(
         "L1 uses EPT and L0's policy does not list {gpa:#x} as backed in L1's EPT: {what} is L1's"
     ))
+}
+
+/// What L1's EPT says about an EPT fault L0 saw while running L2: the one
+/// place L0 asks "is this EPT violation L1's or mine?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EptExitDecision {
+    /// "enable EPT" is 0 in vmcs12: L2's physical space is L1's, so the
+    /// fault is L0's own (L0 maps the page or emulates MMIO).
+    NoL1Ept(Decision),
+    /// L1's EPT refuses the access: reflect `exit` (reason 48 with the
+    /// qualification from the walk, or 49) to L1.
+    Reflect {
+        /// The exit to reflect, built from L1's EPT walk.
+        exit: Exit,
+        /// Why.
+        decision: Decision,
+    },
+    /// L1's EPT allows the access, so L0's own mapping of the page is
+    /// stale: L0 maps `gpa`'s page to L1-physical `hpa` and resumes L2.
+    L0StaleMapping {
+        /// L1-physical address `gpa` translates to.
+        hpa: u64,
+        /// Size of L1's EPT page.
+        size: PageSize,
+        /// Rights L1's EPT grants (AND over all levels).
+        perms: EptPerms,
+        /// Why.
+        decision: Decision,
+    },
+}
+
+impl EptExitDecision {
+    /// The disposition and explanation, whatever the variant.
+    pub fn decision(&self) -> &Decision {
+        match self {
+            EptExitDecision::NoL1Ept(d)
+            | EptExitDecision::Reflect { decision: d, .. }
+            | EptExitDecision::L0StaleMapping { decision: d, .. } => d,
+        }
+    }
+}
+
+/// Decides an EPT violation L0 observed at `gpa` (an L2-physical address)
+/// for an `access` by walking L1's EPT (vmcs12 EPT_POINTER) through `mem`
+/// (L1's memory) with [`Ept::walk`] (SDM 29.3.3): a misconfiguration
+/// reflects exit 49, a refused access reflects exit 48 with the walk's
+/// qualification (and `gla` when `context.guest_linear_address_valid`), an
+/// allowed access means L0's mapping is stale. An EPTP the walker cannot
+/// use (VM entry should have refused it) reflects as a misconfiguration.
+/// Never panics, whatever L1's tables hold.
+pub fn decide_ept_violation(
+    vmcs12: &Vmcs12,
+    mem: &dyn GuestPhysMemory,
+    gpa: u64,
+    access: AccessKind,
+    gla: u64,
+    context: ViolationContext,
+    config: EptConfig,
+) -> EptExitDecision {
+    let c = Controls::of(vmcs12);
+    if !c.s(SecondaryProcBased::ENABLE_EPT) {
+        return EptExitDecision::NoL1Ept(Decision::l0(format!(
+            "\"enable EPT\" is 0 in vmcs12: the EPT violation at {gpa:#x} is L0's own (L2's physical space is L1's), L0 maps the page or emulates MMIO"
+        )));
+    }
+    let raw = vmcs12.get(VmcsField::EPT_POINTER);
+    let ept = match Ept::new(raw, config) {
+        Ok(ept) => ept,
+        Err(e) => {
+            return EptExitDecision::Reflect {
+                exit: Exit::EptMisconfig { gpa },
+                decision: Decision::reflect(format!(
+                    "L1's EPT_POINTER {raw:#x} cannot be walked ({e}): an EPT misconfiguration at {gpa:#x} is L1's"
+                )),
+            }
+        }
+    };
+    match ept.walk(mem, gpa, access, context) {
+        EptWalk::Mapped {
+            hpa, size, perms, ..
+        } => EptExitDecision::L0StaleMapping {
+            hpa,
+            size,
+            perms,
+            decision: Decision::l0(format!(
+                "L1's EPT maps {gpa:#x} to {hpa:#x} with {perms:?}, allowing the {access:?} access: L0's own mapping is stale, L0 rebuilds it and resumes L2"
+            )),
+        },
+        EptWalk::Violation(v) => {
+            let qualification = v.exit_qualification();
+            EptExitDecision::Reflect {
+                exit: Exit::EptViolation {
+                    qualification,
+                    gpa,
+                    gla: context.guest_linear_address_valid.then_some(gla),
+                },
+                decision: Decision::reflect(format!(
+                    "L1's EPT refuses the {access:?} access to {gpa:#x} (rights {:?}): an EPT violation (qualification {:#x}) is L1's",
+                    v.perms,
+                    v.qualification()
+                )),
+            }
+        }
+        EptWalk::Misconfig(m) => EptExitDecision::Reflect {
+            exit: Exit::EptMisconfig { gpa },
+            decision: Decision::reflect(format!(
+                "L1's EPT entry {:#x} at level {} is misconfigured ({:?}): an EPT misconfiguration at {gpa:#x} is L1's",
+                m.entry, m.level, m.reason
+            )),
+        },
+    }
 }
 
 fn decide_xsaves(what: &str, xss: u64, v: &Vmcs12, c: &Controls) -> Decision {
@@ -1843,6 +1956,151 @@ mod tests {
             let exit = Exit::from_info(&raw, &ctx).unwrap();
             let d = decide(&exit, &v, &mem, &L0Policy::default());
             assert!(!d.explanation.is_empty(), "reason {r}");
+        }
+    }
+
+    // ----- EPT violations through L1's EPT walk --------------------------
+
+    /// L1's EPT at 0x10000: PML4 -> PDPT 0x11000 -> PD 0x12000 -> PT
+    /// 0x13000. gpa 0x9000 maps read-only (WB) to 0x5000, gpa 0xb000 has a
+    /// write-without-read (misconfigured) PTE, everything else is absent.
+    fn l1_ept() -> (Vmcs12, FlatMemory) {
+        let mut v = Vmcs12::new();
+        set_sec(&mut v, S::ENABLE_EPT);
+        v.set(VmcsField::EPT_POINTER, 0x10000 | (3 << 3) | 6);
+        let mut m = FlatMemory::new(0x20000);
+        m.write_u64(0x10000, 0x11000 | 7).unwrap();
+        m.write_u64(0x11000, 0x12000 | 7).unwrap();
+        m.write_u64(0x12000, 0x13000 | 7).unwrap();
+        m.write_u64(0x13000 + 8 * 9, 0x5000 | (6 << 3) | 1).unwrap();
+        m.write_u64(0x13000 + 8 * 0xb, 0x6000 | (6 << 3) | 2)
+            .unwrap();
+        (v, m)
+    }
+
+    fn ept_decision(v: &Vmcs12, m: &FlatMemory, gpa: u64, access: AccessKind) -> EptExitDecision {
+        let cx = ViolationContext {
+            guest_linear_address_valid: true,
+            linear_translation: true,
+            nmi_unblocking: false,
+        };
+        decide_ept_violation(v, m, gpa, access, 0x7777, cx, EptConfig::default())
+    }
+
+    #[test]
+    fn test_ept_violation_allowed_by_l1_ept_is_l0_stale_mapping() {
+        let (v, m) = l1_ept();
+        let d = ept_decision(&v, &m, 0x9123, AccessKind::Read);
+        assert_l0(d.decision(), "stale");
+        assert_eq!(
+            d,
+            EptExitDecision::L0StaleMapping {
+                hpa: 0x5123,
+                size: PageSize::Size4K,
+                perms: EptPerms::READ,
+                decision: d.decision().clone(),
+            }
+        );
+    }
+
+    #[test]
+    fn test_ept_violation_refused_by_l1_ept_reflects_walk_qualification() {
+        let (v, m) = l1_ept();
+        // Write to the read-only page: qualification write (bit 1), entry
+        // rights R (bit 3), GLA valid (7), linear translation (8).
+        let d = ept_decision(&v, &m, 0x9008, AccessKind::Write);
+        assert_reflects(d.decision(), "refuses");
+        let EptExitDecision::Reflect { exit, .. } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(
+            exit,
+            Exit::EptViolation {
+                qualification: crate::exit::EptViolationQualification::decode(
+                    0b10 | 0b1000 | 1 << 7 | 1 << 8
+                ),
+                gpa: 0x9008,
+                gla: Some(0x7777),
+            }
+        );
+        assert_eq!(exit.to_info().qualification, 0x18a);
+        // Not present: no rights at all.
+        let d = ept_decision(&v, &m, 0xa000, AccessKind::Read);
+        let EptExitDecision::Reflect { exit, .. } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(exit.to_info().qualification, 0x181);
+    }
+
+    #[test]
+    fn test_ept_misconfig_in_l1_ept_reflects_exit_49() {
+        let (v, m) = l1_ept();
+        let d = ept_decision(&v, &m, 0xb000, AccessKind::Read);
+        assert_reflects(d.decision(), "misconfigured");
+        assert!(matches!(
+            d,
+            EptExitDecision::Reflect {
+                exit: Exit::EptMisconfig { gpa: 0xb000 },
+                ..
+            }
+        ));
+        // An EPTP the walker refuses (walk length 5) is L1's misconfiguration.
+        let mut bad = v.clone();
+        bad.set(VmcsField::EPT_POINTER, 0x10000 | (4 << 3) | 6);
+        let d = ept_decision(&bad, &m, 0x9000, AccessKind::Read);
+        assert!(matches!(
+            d,
+            EptExitDecision::Reflect {
+                exit: Exit::EptMisconfig { .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn test_ept_violation_without_l1_ept_is_l0_no_walk() {
+        let (_, m) = l1_ept();
+        let d = ept_decision(&Vmcs12::new(), &m, 0x9000, AccessKind::Write);
+        assert!(matches!(d, EptExitDecision::NoL1Ept(_)));
+        assert_l0(d.decision(), "\"enable EPT\" is 0");
+    }
+
+    proptest! {
+        /// Hostile L1 EPTs (random table contents, random EPTP and gpa)
+        /// never panic; a reflected exit is always reason 48 or 49 at the
+        /// gpa asked about, and "stale" only when the walk allows the access.
+        #[test]
+        fn test_ept_violation_decision_never_panics_on_hostile_tables(
+            eptp in any::<u64>(),
+            gpa in prop_oneof![any::<u64>(), 0u64..0x40_0000],
+            words in proptest::collection::vec((0u64..0x4000, any::<u64>()), 0..64),
+            access in prop_oneof![Just(AccessKind::Read), Just(AccessKind::Write), Just(AccessKind::Fetch)],
+        ) {
+            let mut v = Vmcs12::new();
+            set_sec(&mut v, S::ENABLE_EPT);
+            v.set(VmcsField::EPT_POINTER, eptp);
+            let mut m = FlatMemory::new(0x20000);
+            for (slot, w) in words {
+                m.write_u64(slot * 8, w).unwrap();
+            }
+            match ept_decision(&v, &m, gpa, access) {
+                EptExitDecision::Reflect { exit, decision } => {
+                    prop_assert!(decision.reflects());
+                    let info = exit.to_info();
+                    prop_assert!(matches!(info.reason, 48 | 49));
+                    prop_assert_eq!(info.guest_physical_address, gpa);
+                }
+                EptExitDecision::L0StaleMapping { perms, decision, .. } => {
+                    prop_assert!(!decision.reflects());
+                    let need = match access {
+                        AccessKind::Read => EptPerms::READ,
+                        AccessKind::Write => EptPerms::WRITE,
+                        AccessKind::Fetch => EptPerms::EXECUTE,
+                    };
+                    prop_assert!(perms.contains(need));
+                }
+                EptExitDecision::NoL1Ept(_) => prop_assert!(false, "EPT is enabled"),
+            }
         }
     }
 }

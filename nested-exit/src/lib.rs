@@ -16,6 +16,7 @@ pub mod transfer;
 pub mod walk;
 
 pub use decide::{decide, Decision, Disposition, L0Policy};
+pub use decide::{decide_ept_violation, EptExitDecision};
 pub use exit::{Exit, ExitContext, ExitDecodeError};
 pub use exit_info::ExitInfo;
 pub use state::{DescriptorTable, Gprs, PendingEvent, Segment, VcpuState, VmxMsrs};

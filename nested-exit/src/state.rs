@@ -98,6 +98,13 @@ pub struct VmxMsrs {
     /// IA32_KERNEL_GS_BASE (the SWAPGS value; IA32_FS_BASE and
     /// IA32_GS_BASE live in `fs.base` and `gs.base`).
     pub kernel_gs_base: u64,
+    /// The four PAE page-directory-pointer-table registers PDPTE0-3 (SDM
+    /// 4.4.1), meaningful only while the vCPU uses PAE paging. Not MSRs:
+    /// they sit here because VMX saves and loads them with the MSRs
+    /// (GUEST_PDPTEn, SDM 27.3.2.4 and 28.3.4) and because every user
+    /// builds this record with `..` (adding a field to `VcpuState` would
+    /// break the exhaustive literal in l0-vmm's KVM conversion).
+    pub pdptes: [u64; 4],
 }
 
 /// Architectural MSR indices that VMX transitions touch (SDM Vol. 4).

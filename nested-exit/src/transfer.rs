@@ -14,8 +14,9 @@
 //! `docs/state-transfer.md` maps every field to the vCPU state it feeds.
 
 use vmcs12::controls::{
-    intr_info, EntryControls, ExitControls, PrimaryProcBased, SecondaryProcBased,
+    intr_info, EntryControls, ExitControls, PinBased, PrimaryProcBased, SecondaryProcBased,
 };
+use vmcs12::entry::Seg;
 use vmcs12::{GuestPhysMemory, Vmcs12, VmcsField as F, VmxCapabilities};
 
 use crate::exit_info::ExitInfo;
@@ -381,109 +382,34 @@ pub fn exit_defines_guest_physical_address(exit: &ExitInfo) -> bool {
 // Segments
 // ---------------------------------------------------------------------------
 
-/// The segment registers of the guest-state area.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SegReg {
-    Es,
-    Cs,
-    Ss,
-    Ds,
-    Fs,
-    Gs,
-    Ldtr,
-    Tr,
+// The guest segment registers and their vmcs12 fields come from
+// `vmcs12::entry::Seg` (one table for the entry checks and for this file).
+
+/// The segment register of `s` that `reg` names.
+fn segment_of(s: &VcpuState, reg: Seg) -> Segment {
+    match reg {
+        Seg::Es => s.es,
+        Seg::Cs => s.cs,
+        Seg::Ss => s.ss,
+        Seg::Ds => s.ds,
+        Seg::Fs => s.fs,
+        Seg::Gs => s.gs,
+        Seg::Ldtr => s.ldtr,
+        Seg::Tr => s.tr,
+    }
 }
 
-const SEG_REGS: [SegReg; 8] = [
-    SegReg::Es,
-    SegReg::Cs,
-    SegReg::Ss,
-    SegReg::Ds,
-    SegReg::Fs,
-    SegReg::Gs,
-    SegReg::Ldtr,
-    SegReg::Tr,
-];
-
-impl SegReg {
-    /// (selector, base, limit, access rights) fields.
-    fn fields(self) -> (F, F, F, F) {
-        match self {
-            SegReg::Es => (
-                F::GUEST_ES_SELECTOR,
-                F::GUEST_ES_BASE,
-                F::GUEST_ES_LIMIT,
-                F::GUEST_ES_AR_BYTES,
-            ),
-            SegReg::Cs => (
-                F::GUEST_CS_SELECTOR,
-                F::GUEST_CS_BASE,
-                F::GUEST_CS_LIMIT,
-                F::GUEST_CS_AR_BYTES,
-            ),
-            SegReg::Ss => (
-                F::GUEST_SS_SELECTOR,
-                F::GUEST_SS_BASE,
-                F::GUEST_SS_LIMIT,
-                F::GUEST_SS_AR_BYTES,
-            ),
-            SegReg::Ds => (
-                F::GUEST_DS_SELECTOR,
-                F::GUEST_DS_BASE,
-                F::GUEST_DS_LIMIT,
-                F::GUEST_DS_AR_BYTES,
-            ),
-            SegReg::Fs => (
-                F::GUEST_FS_SELECTOR,
-                F::GUEST_FS_BASE,
-                F::GUEST_FS_LIMIT,
-                F::GUEST_FS_AR_BYTES,
-            ),
-            SegReg::Gs => (
-                F::GUEST_GS_SELECTOR,
-                F::GUEST_GS_BASE,
-                F::GUEST_GS_LIMIT,
-                F::GUEST_GS_AR_BYTES,
-            ),
-            SegReg::Ldtr => (
-                F::GUEST_LDTR_SELECTOR,
-                F::GUEST_LDTR_BASE,
-                F::GUEST_LDTR_LIMIT,
-                F::GUEST_LDTR_AR_BYTES,
-            ),
-            SegReg::Tr => (
-                F::GUEST_TR_SELECTOR,
-                F::GUEST_TR_BASE,
-                F::GUEST_TR_LIMIT,
-                F::GUEST_TR_AR_BYTES,
-            ),
-        }
-    }
-
-    fn get(self, s: &VcpuState) -> Segment {
-        match self {
-            SegReg::Es => s.es,
-            SegReg::Cs => s.cs,
-            SegReg::Ss => s.ss,
-            SegReg::Ds => s.ds,
-            SegReg::Fs => s.fs,
-            SegReg::Gs => s.gs,
-            SegReg::Ldtr => s.ldtr,
-            SegReg::Tr => s.tr,
-        }
-    }
-
-    fn slot(self, s: &mut VcpuState) -> &mut Segment {
-        match self {
-            SegReg::Es => &mut s.es,
-            SegReg::Cs => &mut s.cs,
-            SegReg::Ss => &mut s.ss,
-            SegReg::Ds => &mut s.ds,
-            SegReg::Fs => &mut s.fs,
-            SegReg::Gs => &mut s.gs,
-            SegReg::Ldtr => &mut s.ldtr,
-            SegReg::Tr => &mut s.tr,
-        }
+/// The segment register of `s` that `reg` names, for writing.
+fn segment_slot(s: &mut VcpuState, reg: Seg) -> &mut Segment {
+    match reg {
+        Seg::Es => &mut s.es,
+        Seg::Cs => &mut s.cs,
+        Seg::Ss => &mut s.ss,
+        Seg::Ds => &mut s.ds,
+        Seg::Fs => &mut s.fs,
+        Seg::Gs => &mut s.gs,
+        Seg::Ldtr => &mut s.ldtr,
+        Seg::Tr => &mut s.tr,
     }
 }
 
@@ -501,7 +427,7 @@ const AR_LDG: u32 = 0xe000;
 /// directions are deterministic: CS keeps base, limit and L/D/G; SS keeps
 /// its DPL (the CPL); FS/GS/LDTR keep their base; SS/DS/ES bases lose bits
 /// 63:32.
-fn normalize_segment(reg: SegReg, seg: Segment) -> Segment {
+fn normalize_segment(reg: Seg, seg: Segment) -> Segment {
     let mut out = seg;
     out.ar &= AR_DEFINED;
     if !seg.unusable() {
@@ -509,17 +435,17 @@ fn normalize_segment(reg: SegReg, seg: Segment) -> Segment {
     }
     out.ar = Segment::AR_UNUSABLE
         | match reg {
-            SegReg::Cs => seg.ar & AR_LDG,
-            SegReg::Ss => seg.ar & AR_DPL,
+            Seg::Cs => seg.ar & AR_LDG,
+            Seg::Ss => seg.ar & AR_DPL,
             _ => 0,
         };
-    if matches!(reg, SegReg::Ss | SegReg::Ds | SegReg::Es) {
+    if matches!(reg, Seg::Ss | Seg::Ds | Seg::Es) {
         out.base &= 0xffff_ffff;
     }
     out
 }
 
-fn read_segment(vmcs12: &Vmcs12, reg: SegReg) -> Segment {
+fn read_segment(vmcs12: &Vmcs12, reg: Seg) -> Segment {
     let (sel, base, limit, ar) = reg.fields();
     normalize_segment(
         reg,
@@ -532,7 +458,7 @@ fn read_segment(vmcs12: &Vmcs12, reg: SegReg) -> Segment {
     )
 }
 
-fn write_segment(vmcs12: &mut Vmcs12, reg: SegReg, seg: Segment) {
+fn write_segment(vmcs12: &mut Vmcs12, reg: Seg, seg: Segment) {
     let seg = normalize_segment(reg, seg);
     let (sel, base, limit, ar) = reg.fields();
     vmcs12.set(sel, u64::from(seg.selector));
@@ -664,6 +590,29 @@ fn load_pdptes(mem: &dyn GuestPhysMemory, cr3: u64, phys_addr_width: u8) -> Opti
         *slot = v;
     }
     Some(out)
+}
+
+/// GUEST_PDPTE0-3.
+const PDPTE_FIELDS: [F; 4] = [
+    F::GUEST_PDPTE0,
+    F::GUEST_PDPTE1,
+    F::GUEST_PDPTE2,
+    F::GUEST_PDPTE3,
+];
+
+/// The secondary controls as VMX uses them: 0 unless "activate secondary
+/// controls" is 1 (SDM 25.6.2).
+fn secondary_controls(vmcs12: &Vmcs12) -> SecondaryProcBased {
+    let primary = PrimaryProcBased::from_bits_retain(vmcs12.get32(F::CPU_BASED_VM_EXEC_CONTROL));
+    if primary.contains(PrimaryProcBased::ACTIVATE_SECONDARY) {
+        SecondaryProcBased::from_bits_retain(vmcs12.get32(F::SECONDARY_VM_EXEC_CONTROL))
+    } else {
+        SecondaryProcBased::empty()
+    }
+}
+
+fn ept_enabled(vmcs12: &Vmcs12) -> bool {
+    secondary_controls(vmcs12).contains(SecondaryProcBased::ENABLE_EPT)
 }
 
 fn uses_pae_paging(cr0: u64, cr4: u64, efer: u64) -> bool {
@@ -811,8 +760,8 @@ fn save_guest_state(vmcs12: &mut Vmcs12, l2: &VcpuState, preemption_timer_remain
     if exit_ctl.contains(ExitControls::SAVE_EFER) {
         vmcs12.set(F::GUEST_IA32_EFER, l2.msrs.efer);
     }
-    for reg in SEG_REGS {
-        write_segment(vmcs12, reg, reg.get(l2));
+    for reg in Seg::ALL {
+        write_segment(vmcs12, reg, segment_of(l2, reg));
     }
     vmcs12.set(F::GUEST_GDTR_BASE, l2.gdtr.base);
     vmcs12.set(F::GUEST_GDTR_LIMIT, u64::from(l2.gdtr.limit));
@@ -827,6 +776,13 @@ fn save_guest_state(vmcs12: &mut Vmcs12, l2: &VcpuState, preemption_timer_remain
         u64::from(l2.interruptibility),
     );
     vmcs12.set(F::GUEST_PENDING_DBG_EXCEPTIONS, l2.pending_dbg_exceptions);
+    // SDM 28.3.4: with "enable EPT" and PAE paging in use, the PDPTEs the
+    // CPU holds are saved; otherwise the fields are left alone.
+    if ept_enabled(vmcs12) && uses_pae_paging(l2.cr0, l2.cr4, l2.msrs.efer) {
+        for (field, value) in PDPTE_FIELDS.into_iter().zip(l2.msrs.pdptes) {
+            vmcs12.set(field, value);
+        }
+    }
     if exit_ctl.contains(ExitControls::SAVE_PREEMPTION_TIMER) {
         vmcs12.set(
             F::VMX_PREEMPTION_TIMER_VALUE,
@@ -984,14 +940,19 @@ pub fn load_vmcs12_host_state(
     l1.rip = vmcs12.get(F::HOST_RIP);
     l1.gprs.regs[Gprs::RSP] = vmcs12.get(F::HOST_RSP);
     l1.rflags = RFLAGS_RESERVED_1;
-    l1.interruptibility = 0;
+    l1.interruptibility = if host_nmi_blocked(vmcs12, l1.interruptibility) {
+        INTERRUPTIBILITY_NMI
+    } else {
+        0
+    };
     l1.activity = 0;
     l1.pending_dbg_exceptions = 0;
     l1.pending_event = None;
 
-    // SDM 28.5.4: a PAE host gets its PDPTEs checked.
+    // SDM 28.5.4: a PAE host gets its PDPTEs loaded from CR3 and checked.
     if !host64 && uses_pae_paging(l1.cr0, l1.cr4, l1.msrs.efer) {
-        load_pdptes(mem, l1.cr3, caps.phys_addr_width).ok_or(VmxAbort::HostPdpte)?;
+        l1.msrs.pdptes =
+            load_pdptes(mem, l1.cr3, caps.phys_addr_width).ok_or(VmxAbort::HostPdpte)?;
     }
 
     // SDM 28.6: the VM-exit MSR-load area, after all of the above.
@@ -1003,6 +964,31 @@ pub fn load_vmcs12_host_state(
         l1.set_msr(e.index, e.value);
     }
     Ok(loads)
+}
+
+/// Interruptibility state bit 3: blocking by NMI (SDM 24.4.2).
+const INTERRUPTIBILITY_NMI: u32 = 1 << 3;
+
+/// Blocking by NMI after the VM exit vmcs12 describes (SDM 28.5.5
+/// "Updating Non-Register State"): there is no STI or MOV-SS blocking after
+/// a VM exit; an exit caused directly by an NMI blocks NMIs; any other exit
+/// leaves NMI blocking as it was. With "virtual NMIs" = 0 the blocking L2
+/// had is the CPU's (the saved interruptibility bit 3); with it = 1 that bit
+/// is virtual-NMI blocking and NMIs themselves were not blocked in L2 (they
+/// exit). A VM-entry failure loaded no guest state, so L1 keeps the blocking
+/// it had at VMLAUNCH/VMRESUME (`l1_interruptibility`).
+fn host_nmi_blocked(vmcs12: &Vmcs12, l1_interruptibility: u32) -> bool {
+    let reason = vmcs12.get32(F::VM_EXIT_REASON);
+    if reason & ExitInfo::REASON_ENTRY_FAILURE != 0 {
+        return l1_interruptibility & INTERRUPTIBILITY_NMI != 0;
+    }
+    let info = vmcs12.get32(F::VM_EXIT_INTR_INFO);
+    let nmi_exit = reason & 0xffff == u32::from(reason::EXCEPTION_NMI)
+        && info & intr_info::VALID != 0
+        && intr_type(info) == intr_info::TYPE_NMI;
+    let pin = PinBased::from_bits_retain(vmcs12.get32(F::PIN_BASED_VM_EXEC_CONTROL));
+    let l2_blocked = vmcs12.get32(F::GUEST_INTERRUPTIBILITY_INFO) & INTERRUPTIBILITY_NMI != 0;
+    nmi_exit || (!pin.contains(PinBased::VIRTUAL_NMIS) && l2_blocked)
 }
 
 // ---------------------------------------------------------------------------
@@ -1031,11 +1017,6 @@ pub fn prepare_vmcs02(
 ) -> Result<Vmcs02, EntryFailure> {
     let entry_ctl = EntryControls::from_bits_retain(vmcs12.get32(F::VM_ENTRY_CONTROLS));
     let primary = PrimaryProcBased::from_bits_retain(vmcs12.get32(F::CPU_BASED_VM_EXEC_CONTROL));
-    let secondary = if primary.contains(PrimaryProcBased::ACTIVATE_SECONDARY) {
-        SecondaryProcBased::from_bits_retain(vmcs12.get32(F::SECONDARY_VM_EXEC_CONTROL))
-    } else {
-        SecondaryProcBased::empty()
-    };
 
     let mut l2 = VcpuState {
         pending_event: None,
@@ -1071,8 +1052,8 @@ pub fn prepare_vmcs02(
     }
 
     // SDM 27.3.2.2: segment and descriptor-table registers.
-    for reg in SEG_REGS {
-        *reg.slot(&mut l2) = read_segment(vmcs12, reg);
+    for reg in Seg::ALL {
+        *segment_slot(&mut l2, reg) = read_segment(vmcs12, reg);
     }
     l2.gdtr = DescriptorTable {
         base: vmcs12.get(F::GUEST_GDTR_BASE),
@@ -1092,13 +1073,8 @@ pub fn prepare_vmcs02(
     l2.pending_dbg_exceptions = vmcs12.get(F::GUEST_PENDING_DBG_EXCEPTIONS);
 
     let pdptes = if uses_pae_paging(l2.cr0, l2.cr4, l2.msrs.efer) {
-        let p = if secondary.contains(SecondaryProcBased::ENABLE_EPT) {
-            let p = [
-                vmcs12.get(F::GUEST_PDPTE0),
-                vmcs12.get(F::GUEST_PDPTE1),
-                vmcs12.get(F::GUEST_PDPTE2),
-                vmcs12.get(F::GUEST_PDPTE3),
-            ];
+        let p = if ept_enabled(vmcs12) {
+            let p = PDPTE_FIELDS.map(|f| vmcs12.get(f));
             let ok = !p.iter().any(|&e| pdpte_reserved(e, caps.phys_addr_width));
             ok.then_some(p)
         } else {
@@ -1108,6 +1084,10 @@ pub fn prepare_vmcs02(
     } else {
         None
     };
+    if let Some(p) = pdptes {
+        // The PDPTE registers L2 runs with (SDM 27.3.2.4).
+        l2.msrs.pdptes = p;
+    }
 
     // SDM 27.6: event injection.
     let info = vmcs12.get32(F::VM_ENTRY_INTR_INFO_FIELD);
@@ -1233,6 +1213,7 @@ mod tests {
                 perf_global_ctrl: 0x3,
                 bndcfgs: 0x11,
                 kernel_gs_base: 0xabc,
+                pdptes: [0; 4],
             },
             interruptibility: 0,
             activity: 0,
@@ -1285,6 +1266,7 @@ mod tests {
                 perf_global_ctrl: 0x7,
                 bndcfgs: 0x21,
                 kernel_gs_base: 0xdef,
+                pdptes: [0; 4],
             },
             interruptibility: 1,
             activity: 0,
@@ -2129,6 +2111,160 @@ mod tests {
         assert_eq!(err, Err(EntryFailure::PdpteLoad));
     }
 
+    fn with_ept(v: &mut Vmcs12) {
+        v.set(
+            F::CPU_BASED_VM_EXEC_CONTROL,
+            PrimaryProcBased::ACTIVATE_SECONDARY.bits().into(),
+        );
+        v.set(
+            F::SECONDARY_VM_EXEC_CONTROL,
+            SecondaryProcBased::ENABLE_EPT.bits().into(),
+        );
+    }
+
+    #[test]
+    fn test_pae_l2_with_ept_saves_pdptes_on_exit() {
+        // SDM 28.3.4: with "enable EPT" and PAE paging the PDPTE registers
+        // are saved. Entry loads them from the fields, L2 reloads CR3 (new
+        // PDPTEs), the exit saves what L2 used.
+        let mut v = pae_l2_vmcs12();
+        with_ept(&mut v);
+        v.set(F::GUEST_PDPTE0, 0x5001);
+        let mut m = mem();
+        let v02 = prepare_vmcs02(&v, &l1_64(), &m, &AllowAll, &caps()).unwrap();
+        assert_eq!(v02.l2.msrs.pdptes, [0x5001, 0, 0, 0]);
+        let mut l2 = v02.l2;
+        l2.msrs.pdptes = [0x6001, 0x7001, 0, 0x8001];
+        prepare_vmcs12(&mut v, &l2, &cpuid_exit(), 0, &l2, &mut m).unwrap();
+        let saved = PDPTE_FIELDS.map(|f| v.get(f));
+        assert_eq!(saved, [0x6001, 0x7001, 0, 0x8001]);
+        // Entry then exit with the registers unchanged reproduces the fields.
+        let v02 = prepare_vmcs02(&v, &l1_64(), &m, &AllowAll, &caps()).unwrap();
+        let mut again = v.clone();
+        prepare_vmcs12(&mut again, &v02.l2, &cpuid_exit(), 0, &l2, &mut m).unwrap();
+        assert_eq!(PDPTE_FIELDS.map(|f| again.get(f)), saved);
+    }
+
+    #[test]
+    fn test_pdptes_not_saved_without_ept_or_pae() {
+        // Without EPT, or with EPT but 4-level paging, the fields keep
+        // whatever L1 wrote.
+        let mut m = mem();
+        let mut l2 = l2_64(); // 4-level paging
+        l2.msrs.pdptes = [0x6001; 4];
+        let mut pae = VcpuState {
+            cr0: 0x8000_0031,
+            cr4: CR4_PAE,
+            msrs: crate::VmxMsrs::default(),
+            ..l2_64()
+        };
+        pae.msrs.pdptes = [0x6001; 4];
+        for (state, ept) in [(l2, true), (pae, false)] {
+            let mut v = Vmcs12::new();
+            if ept {
+                with_ept(&mut v);
+            }
+            v.set(F::GUEST_PDPTE3, 0x1234);
+            prepare_vmcs12(&mut v, &state, &cpuid_exit(), 0, &state, &mut m).unwrap();
+            assert_eq!(PDPTE_FIELDS.map(|f| v.get(f)), [0, 0, 0, 0x1234]);
+        }
+    }
+
+    #[test]
+    fn test_pae_host_pdptes_loaded_into_l1() {
+        let mut v = Vmcs12::new();
+        let mut l1 = l1_64();
+        set_host_fields(&mut v, &l1);
+        v.set(F::HOST_CR4, CR4_PAE);
+        let mut m = mem();
+        for i in 0..4 {
+            m.write_u64(0x1000 + 8 * i, (0x1000 * (i + 2)) | 1).unwrap();
+        }
+        v.set(F::HOST_CR3, 0x1000);
+        l1.msrs.efer = 0;
+        load_vmcs12_host_state(&v, &mut l1, &m, &AllowAll, &caps()).unwrap();
+        assert_eq!(l1.msrs.pdptes, [0x2001, 0x3001, 0x4001, 0x5001]);
+        // A 64-bit host does not use PDPTEs: the registers are left alone.
+        let mut l1 = l1_64();
+        set_exit_ctl(&mut v, ExitControls::HOST_ADDR_SPACE_SIZE);
+        load_vmcs12_host_state(&v, &mut l1, &m, &AllowAll, &caps()).unwrap();
+        assert_eq!(l1.msrs.pdptes, [0; 4]);
+    }
+
+    // ----- NMI blocking after the exit (SDM 28.5.5) --------------------------
+
+    /// L1's interruptibility after `exit` from `l2` under `pin` controls.
+    fn l1_interruptibility_after(exit: &ExitInfo, l2: &VcpuState, pin: PinBased, l1: u32) -> u32 {
+        let mut v = Vmcs12::new();
+        let mut host = l1_64();
+        set_host_fields(&mut v, &host);
+        set_exit_ctl(&mut v, ExitControls::HOST_ADDR_SPACE_SIZE);
+        v.set(F::PIN_BASED_VM_EXEC_CONTROL, pin.bits().into());
+        let mut m = mem();
+        prepare_vmcs12(&mut v, l2, exit, 0, l2, &mut m).unwrap();
+        host.interruptibility = l1;
+        load_vmcs12_host_state(&v, &mut host, &m, &AllowAll, &caps()).unwrap();
+        host.interruptibility
+    }
+
+    fn nmi_exit() -> ExitInfo {
+        ExitInfo {
+            reason: 0,
+            intr_info: intr_info::VALID | intr_info::TYPE_NMI | 2,
+            ..ExitInfo::default()
+        }
+    }
+
+    #[test]
+    fn test_nmi_exit_blocks_nmis_in_l1() {
+        let nmi = PinBased::NMI_EXITING | PinBased::VIRTUAL_NMIS;
+        assert_eq!(l1_interruptibility_after(&nmi_exit(), &l2_64(), nmi, 0), 8);
+        // #UD (hardware exception, vector 6) and an external interrupt do
+        // not block NMIs; STI blocking (L2 has it) never survives an exit.
+        let ud = ExitInfo {
+            intr_info: intr_info::VALID | intr_info::TYPE_HARD_EXCEPTION | 6,
+            ..nmi_exit()
+        };
+        assert_eq!(l1_interruptibility_after(&ud, &l2_64(), nmi, 0), 0);
+        let ext = ExitInfo {
+            reason: 1,
+            ..ExitInfo::default()
+        };
+        assert_eq!(l1_interruptibility_after(&ext, &l2_64(), nmi, 0), 0);
+    }
+
+    #[test]
+    fn test_l2_nmi_blocking_survives_exit_only_without_virtual_nmis() {
+        let blocked = VcpuState {
+            interruptibility: 8,
+            ..l2_64()
+        };
+        let cpuid = cpuid_exit();
+        assert_eq!(
+            l1_interruptibility_after(&cpuid, &blocked, PinBased::empty(), 0),
+            8
+        );
+        let virt = PinBased::NMI_EXITING | PinBased::VIRTUAL_NMIS;
+        assert_eq!(l1_interruptibility_after(&cpuid, &blocked, virt, 0), 0);
+    }
+
+    #[test]
+    fn test_entry_failure_keeps_l1_nmi_blocking() {
+        let failure = EntryFailure::PdpteLoad.exit_info();
+        let l2 = VcpuState {
+            interruptibility: 8,
+            ..l2_64()
+        };
+        assert_eq!(
+            l1_interruptibility_after(&failure, &l2, PinBased::empty(), 8),
+            8
+        );
+        assert_eq!(
+            l1_interruptibility_after(&failure, &l2, PinBased::empty(), 0),
+            0
+        );
+    }
+
     // ----- MSR areas --------------------------------------------------------
 
     #[test]
@@ -2334,6 +2470,141 @@ mod tests {
             assert!(a
                 .to_string()
                 .starts_with(&format!("VMX abort {}", a.indicator())));
+        }
+    }
+
+    // ----- robustness: random exits and random vmcs12 ----------------------
+
+    /// A vmcs12 with every field set from `values` (masked to its width),
+    /// with small MSR-area counts pointing into `mem` often enough to walk
+    /// the areas.
+    fn random_vmcs12(values: &[u64], small_areas: bool) -> Vmcs12 {
+        let mut v = Vmcs12::new();
+        for (f, x) in F::ALL.iter().zip(values) {
+            v.set(*f, *x);
+        }
+        if small_areas {
+            for (addr, count) in [
+                (F::VM_EXIT_MSR_STORE_ADDR, F::VM_EXIT_MSR_STORE_COUNT),
+                (F::VM_EXIT_MSR_LOAD_ADDR, F::VM_EXIT_MSR_LOAD_COUNT),
+                (F::VM_ENTRY_MSR_LOAD_ADDR, F::VM_ENTRY_MSR_LOAD_COUNT),
+            ] {
+                v.set(addr, v.get(addr) % (MEM_SIZE as u64 + 64));
+                v.set(count, v.get(count) % 8);
+            }
+        }
+        v
+    }
+
+    fn random_vcpu(r: [u64; 8]) -> VcpuState {
+        let mut s = l2_64();
+        s.cr0 = r[0];
+        s.cr3 = r[1];
+        s.cr4 = r[2];
+        s.msrs.efer = r[3];
+        s.rflags = r[4];
+        s.cs.ar = r[5] as u32;
+        s.interruptibility = (r[5] >> 32) as u32;
+        s.rip = r[6];
+        s.msrs.pdptes = [r[7]; 4];
+        s
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// The whole reflected-exit path on random input: any exit
+        /// information decodes or is refused, `decide` answers, and for a
+        /// reflected exit `prepare_vmcs12` then `load_vmcs12_host_state`
+        /// complete or abort, never panic. Invariants: VM_EXIT_REASON is the
+        /// reason; after a (non-failure) exit the VM-entry interruption
+        /// information is not valid; L1 comes back with RFLAGS = 2,
+        /// DR7 = 0x400, CR4.VMXE, an unusable LDTR and at most NMI blocking.
+        #[test]
+        fn test_random_exit_decide_prepare_load_never_panic(
+            reason in prop_oneof![0u32..80, any::<u32>()],
+            fail in any::<bool>(),
+            q in any::<[u64; 4]>(),
+            w in any::<[u32; 6]>(),
+            ctx in any::<(u32, u64, u64, u64, u64)>(),
+            values in proptest::collection::vec(any::<u64>(), F::COUNT),
+            small_areas in any::<bool>(),
+            regs in any::<[u64; 8]>(),
+            mem_words in proptest::collection::vec((0u64..(MEM_SIZE as u64 / 8), any::<u64>()), 0..64),
+        ) {
+            let info = ExitInfo {
+                reason: if fail { reason | ExitInfo::REASON_ENTRY_FAILURE } else { reason },
+                qualification: q[0],
+                guest_linear_address: q[1],
+                guest_physical_address: q[2],
+                intr_info: w[0],
+                intr_error_code: w[1],
+                idt_vectoring_info: w[2],
+                idt_vectoring_error_code: w[3],
+                instruction_len: w[4],
+                instruction_info: w[5],
+                io_rcx: q[3],
+                ..ExitInfo::default()
+            };
+            let ectx = crate::ExitContext {
+                msr_index: ctx.0,
+                cr_source: ctx.1,
+                rax: ctx.2,
+                vmcs_field: ctx.3,
+                xss: ctx.4,
+            };
+            let mut m = mem();
+            for (slot, x) in mem_words {
+                m.write_u64(slot * 8, x).unwrap();
+            }
+            let mut v = random_vmcs12(&values, small_areas);
+            let l2 = random_vcpu(regs);
+            if let Ok(exit) = crate::Exit::from_info(&info, &ectx) {
+                let d = crate::decide(&exit, &v, &m, &crate::L0Policy::default());
+                prop_assert!(!d.explanation.is_empty());
+            }
+            if prepare_vmcs12(&mut v, &l2, &info, 7, &AllowAll, &mut m).is_ok() {
+                prop_assert_eq!(v.get32(F::VM_EXIT_REASON), info.reason);
+                if info.reason & ExitInfo::REASON_ENTRY_FAILURE == 0 {
+                    prop_assert_eq!(v.get32(F::VM_ENTRY_INTR_INFO_FIELD) & intr_info::VALID, 0);
+                }
+                let mut l1 = l1_64();
+                if load_vmcs12_host_state(&v, &mut l1, &m, &AllowAll, &caps()).is_ok() {
+                    prop_assert_eq!(l1.rflags, 2);
+                    prop_assert_eq!(l1.dr7, 0x400);
+                    prop_assert!(l1.cr4 & CR4_VMXE != 0);
+                    prop_assert!(l1.ldtr.unusable());
+                    prop_assert_eq!(l1.interruptibility & !INTERRUPTIBILITY_NMI, 0);
+                }
+            }
+        }
+
+        /// `prepare_vmcs02` on a random vmcs12 (it runs after the entry
+        /// checks, but must not trust them) never panics; an entry has PDPTEs
+        /// exactly when L2 uses PAE paging, and a pending event exactly when
+        /// VM_ENTRY_INTR_INFO_FIELD is valid.
+        #[test]
+        fn test_random_vmcs12_prepare_vmcs02_never_panics(
+            values in proptest::collection::vec(any::<u64>(), F::COUNT),
+            small_areas in any::<bool>(),
+            mem_words in proptest::collection::vec((0u64..(MEM_SIZE as u64 / 8), any::<u64>()), 0..64),
+        ) {
+            let mut m = mem();
+            for (slot, x) in mem_words {
+                m.write_u64(slot * 8, x).unwrap();
+            }
+            let v = random_vmcs12(&values, small_areas);
+            if let Ok(v02) = prepare_vmcs02(&v, &l1_64(), &m, &AllowAll, &caps()) {
+                let l2 = &v02.l2;
+                prop_assert_eq!(
+                    v02.pdptes.is_some(),
+                    uses_pae_paging(l2.cr0, l2.cr4, l2.msrs.efer)
+                );
+                prop_assert_eq!(
+                    l2.pending_event.is_some(),
+                    v.get32(F::VM_ENTRY_INTR_INFO_FIELD) & intr_info::VALID != 0
+                );
+            }
         }
     }
 }

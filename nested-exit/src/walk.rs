@@ -1532,4 +1532,58 @@ mod tests {
             }
         }
     }
+
+    proptest! {
+        /// Any paging registers, any table contents (tables anywhere, also
+        /// outside RAM), any linear address: the walkers never panic, keep
+        /// the page offset, report the faulting address as CR2, fault with
+        /// #GP only in IA-32e mode, and `translate_with` leaves memory
+        /// untouched when it faults.
+        #[test]
+        fn test_walk_hostile_state_never_panics(
+            cr0 in prop_oneof![any::<u64>(), Just(CR0_PG | 1), Just(CR0_PG | CR0_WP | 1)],
+            cr3 in prop_oneof![any::<u64>(), 0u64..0x10000],
+            cr4 in any::<u64>(),
+            efer in prop_oneof![any::<u64>(), Just(EFER_LMA), Just(EFER_LMA | EFER_NXE)],
+            rflags in any::<u64>(),
+            cpl in 0u8..4,
+            maxphyaddr in 0u8..70,
+            la in any::<u64>(),
+            len in 0u64..0x3000,
+            words in proptest::collection::vec((0u64..0x2000, any::<u64>()), 0..64),
+            kind in prop_oneof![Just(AccessKind::Read), Just(AccessKind::Write), Just(AccessKind::Fetch)],
+        ) {
+            let mut mem = FlatMemory::new(0x10000);
+            for (slot, w) in words {
+                mem.write_u64(slot * 8, w).unwrap();
+            }
+            let st = PagingState {
+                cr0,
+                cr3,
+                cr4,
+                efer,
+                rflags,
+                cpl,
+                maxphyaddr,
+                page_1g: la & 1 == 0,
+            };
+            let access = Access::new(kind);
+            match translate(&st, la, access, &mem) {
+                Ok(t) => prop_assert_eq!(t.gpa & 0xfff, la & 0xfff),
+                Err(PagingFault::PageFault { linear, .. }) => {
+                    let ia32e = st.mode() == PagingMode::Level4 || st.mode() == PagingMode::Level5;
+                    prop_assert!(linear == la || (!ia32e && linear == la & 0xffff_ffff));
+                }
+                Err(PagingFault::GeneralProtection { .. }) => {
+                    prop_assert!(matches!(st.mode(), PagingMode::Level4 | PagingMode::Level5));
+                }
+            }
+            let before = mem.clone();
+            let r = translate_with(&st, la, access, &mut mem, WalkOptions { set_accessed_dirty: true });
+            if r.is_err() {
+                prop_assert!(mem == before);
+            }
+            let _ = translate_range(&st, la, len, access, &mem);
+        }
+    }
 }

@@ -129,6 +129,8 @@ pub mod cr4 {
 pub mod ept_vpid {
     /// Bit 6: page-walk length of 4.
     pub const WALK_LENGTH_4: u64 = 1 << 6;
+    /// Bit 7: page-walk length of 5 (not offered by this L0).
+    pub const WALK_LENGTH_5: u64 = 1 << 7;
     /// Bit 8: EPT paging-structure memory type UC.
     pub const MEMTYPE_UC: u64 = 1 << 8;
     /// Bit 14: EPT paging-structure memory type WB.
@@ -141,6 +143,8 @@ pub mod ept_vpid {
     pub const INVEPT: u64 = 1 << 20;
     /// Bit 21: accessed and dirty flags for EPT.
     pub const AD_FLAGS: u64 = 1 << 21;
+    /// Bit 23: EPTP bit 7, supervisor shadow-stack control (not offered).
+    pub const SUPERVISOR_SHADOW_STACK: u64 = 1 << 23;
     /// Bit 25: single-context INVEPT.
     pub const INVEPT_SINGLE_CONTEXT: u64 = 1 << 25;
     /// Bit 26: all-context INVEPT.

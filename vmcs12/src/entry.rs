@@ -68,6 +68,76 @@ impl core::fmt::Display for Seg {
     }
 }
 
+impl Seg {
+    /// The eight guest segment registers in encoding order.
+    pub const ALL: [Seg; 8] = [
+        Seg::Es,
+        Seg::Cs,
+        Seg::Ss,
+        Seg::Ds,
+        Seg::Fs,
+        Seg::Gs,
+        Seg::Ldtr,
+        Seg::Tr,
+    ];
+
+    /// The register's guest-state fields: (selector, base, limit, access
+    /// rights) (SDM Appendix B). The one table of these fields: the entry
+    /// checks and `nested-exit`'s state transfer both read it.
+    pub fn fields(self) -> (F, F, F, F) {
+        match self {
+            Seg::Es => (
+                F::GUEST_ES_SELECTOR,
+                F::GUEST_ES_BASE,
+                F::GUEST_ES_LIMIT,
+                F::GUEST_ES_AR_BYTES,
+            ),
+            Seg::Cs => (
+                F::GUEST_CS_SELECTOR,
+                F::GUEST_CS_BASE,
+                F::GUEST_CS_LIMIT,
+                F::GUEST_CS_AR_BYTES,
+            ),
+            Seg::Ss => (
+                F::GUEST_SS_SELECTOR,
+                F::GUEST_SS_BASE,
+                F::GUEST_SS_LIMIT,
+                F::GUEST_SS_AR_BYTES,
+            ),
+            Seg::Ds => (
+                F::GUEST_DS_SELECTOR,
+                F::GUEST_DS_BASE,
+                F::GUEST_DS_LIMIT,
+                F::GUEST_DS_AR_BYTES,
+            ),
+            Seg::Fs => (
+                F::GUEST_FS_SELECTOR,
+                F::GUEST_FS_BASE,
+                F::GUEST_FS_LIMIT,
+                F::GUEST_FS_AR_BYTES,
+            ),
+            Seg::Gs => (
+                F::GUEST_GS_SELECTOR,
+                F::GUEST_GS_BASE,
+                F::GUEST_GS_LIMIT,
+                F::GUEST_GS_AR_BYTES,
+            ),
+            Seg::Ldtr => (
+                F::GUEST_LDTR_SELECTOR,
+                F::GUEST_LDTR_BASE,
+                F::GUEST_LDTR_LIMIT,
+                F::GUEST_LDTR_AR_BYTES,
+            ),
+            Seg::Tr => (
+                F::GUEST_TR_SELECTOR,
+                F::GUEST_TR_BASE,
+                F::GUEST_TR_LIMIT,
+                F::GUEST_TR_AR_BYTES,
+            ),
+        }
+    }
+}
+
 /// A descriptor-table register of the guest-state area.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DescTable {
@@ -741,19 +811,31 @@ fn check_controls(v: &Vmcs12, caps: &VmxCapabilities, c: &Controls) -> Result<()
     Ok(())
 }
 
-/// EPTP checks (SDM 27.2.1.1, 25.6.11).
-fn check_eptp(caps: &VmxCapabilities, eptp: u64) -> Result<(), ControlRule> {
+/// EPTP validity (SDM 27.2.1.1, 25.6.11): the one check that both VM entry
+/// ("enable EPT" = 1) and INVEPT single-context (SDM 31 INVEPT: the
+/// descriptor's EPTP must pass the VM-entry checks, else VMfailValid(28))
+/// apply. Memory type and walk length must be ones IA32_VMX_EPT_VPID_CAP
+/// offers (bit 8 UC, 14 WB; bit 6 length 4, bit 7 length 5); bit 6 needs
+/// A/D support (cap bit 21), bit 7 supervisor shadow-stack control (cap bit
+/// 23); bits 11:8 and bits at or above MAXPHYADDR are reserved.
+pub fn check_eptp(caps: &VmxCapabilities, eptp: u64) -> Result<(), ControlRule> {
+    use crate::caps::ept_vpid;
     if !caps.ept_memory_type_supported(eptp & 7) {
         return Err(ControlRule::EptpMemoryType);
     }
-    if (eptp >> 3) & 7 != 3 {
+    let walk_ok = match (eptp >> 3) & 7 {
+        3 => caps.ept_vpid_cap & ept_vpid::WALK_LENGTH_4 != 0,
+        4 => caps.ept_vpid_cap & ept_vpid::WALK_LENGTH_5 != 0,
+        _ => false,
+    };
+    if !walk_ok {
         return Err(ControlRule::EptpWalkLength);
     }
-    if eptp & (1 << 6) != 0 && caps.ept_vpid_cap & crate::caps::ept_vpid::AD_FLAGS == 0 {
+    if eptp & (1 << 6) != 0 && caps.ept_vpid_cap & ept_vpid::AD_FLAGS == 0 {
         return Err(ControlRule::EptpAccessedDirty);
     }
-    // Bit 7 (supervisor shadow stack) is not supported: reserved here.
-    if eptp & 0xf80 != 0 || !caps.pa_in_width(eptp & !0xfff) {
+    let sss_ok = eptp & (1 << 7) == 0 || caps.ept_vpid_cap & ept_vpid::SUPERVISOR_SHADOW_STACK != 0;
+    if !sss_ok || eptp & 0xf00 != 0 || !caps.pa_in_width(eptp & !0xfff) {
         return Err(ControlRule::EptpReserved);
     }
     Ok(())
@@ -918,56 +1000,7 @@ struct SegState {
 
 impl SegState {
     fn read(v: &Vmcs12, seg: Seg) -> Self {
-        let (sel, base, limit, ar) = match seg {
-            Seg::Es => (
-                F::GUEST_ES_SELECTOR,
-                F::GUEST_ES_BASE,
-                F::GUEST_ES_LIMIT,
-                F::GUEST_ES_AR_BYTES,
-            ),
-            Seg::Cs => (
-                F::GUEST_CS_SELECTOR,
-                F::GUEST_CS_BASE,
-                F::GUEST_CS_LIMIT,
-                F::GUEST_CS_AR_BYTES,
-            ),
-            Seg::Ss => (
-                F::GUEST_SS_SELECTOR,
-                F::GUEST_SS_BASE,
-                F::GUEST_SS_LIMIT,
-                F::GUEST_SS_AR_BYTES,
-            ),
-            Seg::Ds => (
-                F::GUEST_DS_SELECTOR,
-                F::GUEST_DS_BASE,
-                F::GUEST_DS_LIMIT,
-                F::GUEST_DS_AR_BYTES,
-            ),
-            Seg::Fs => (
-                F::GUEST_FS_SELECTOR,
-                F::GUEST_FS_BASE,
-                F::GUEST_FS_LIMIT,
-                F::GUEST_FS_AR_BYTES,
-            ),
-            Seg::Gs => (
-                F::GUEST_GS_SELECTOR,
-                F::GUEST_GS_BASE,
-                F::GUEST_GS_LIMIT,
-                F::GUEST_GS_AR_BYTES,
-            ),
-            Seg::Ldtr => (
-                F::GUEST_LDTR_SELECTOR,
-                F::GUEST_LDTR_BASE,
-                F::GUEST_LDTR_LIMIT,
-                F::GUEST_LDTR_AR_BYTES,
-            ),
-            Seg::Tr => (
-                F::GUEST_TR_SELECTOR,
-                F::GUEST_TR_BASE,
-                F::GUEST_TR_LIMIT,
-                F::GUEST_TR_AR_BYTES,
-            ),
-        };
+        let (sel, base, limit, ar) = seg.fields();
         Self {
             seg,
             sel: v.get(sel),
@@ -1507,56 +1540,7 @@ mod tests {
             self.v.set(f, old & !bits);
         }
         fn seg(&mut self, s: Seg, sel: u64, base: u64, limit: u64, ar: u64) {
-            let (fs, fb, fl, fa) = match s {
-                Seg::Es => (
-                    F::GUEST_ES_SELECTOR,
-                    F::GUEST_ES_BASE,
-                    F::GUEST_ES_LIMIT,
-                    F::GUEST_ES_AR_BYTES,
-                ),
-                Seg::Cs => (
-                    F::GUEST_CS_SELECTOR,
-                    F::GUEST_CS_BASE,
-                    F::GUEST_CS_LIMIT,
-                    F::GUEST_CS_AR_BYTES,
-                ),
-                Seg::Ss => (
-                    F::GUEST_SS_SELECTOR,
-                    F::GUEST_SS_BASE,
-                    F::GUEST_SS_LIMIT,
-                    F::GUEST_SS_AR_BYTES,
-                ),
-                Seg::Ds => (
-                    F::GUEST_DS_SELECTOR,
-                    F::GUEST_DS_BASE,
-                    F::GUEST_DS_LIMIT,
-                    F::GUEST_DS_AR_BYTES,
-                ),
-                Seg::Fs => (
-                    F::GUEST_FS_SELECTOR,
-                    F::GUEST_FS_BASE,
-                    F::GUEST_FS_LIMIT,
-                    F::GUEST_FS_AR_BYTES,
-                ),
-                Seg::Gs => (
-                    F::GUEST_GS_SELECTOR,
-                    F::GUEST_GS_BASE,
-                    F::GUEST_GS_LIMIT,
-                    F::GUEST_GS_AR_BYTES,
-                ),
-                Seg::Ldtr => (
-                    F::GUEST_LDTR_SELECTOR,
-                    F::GUEST_LDTR_BASE,
-                    F::GUEST_LDTR_LIMIT,
-                    F::GUEST_LDTR_AR_BYTES,
-                ),
-                Seg::Tr => (
-                    F::GUEST_TR_SELECTOR,
-                    F::GUEST_TR_BASE,
-                    F::GUEST_TR_LIMIT,
-                    F::GUEST_TR_AR_BYTES,
-                ),
-            };
+            let (fs, fb, fl, fa) = s.fields();
             self.set(fs, sel);
             self.set(fb, base);
             self.set(fl, limit);

@@ -384,5 +384,35 @@ mod tests {
                 prop_assert_eq!(back.get(*f), x & f.width().mask());
             }
         }
+
+        /// A region page L1 filled with anything (a header that may or may
+        /// not look like ours, random field data), at any address (also
+        /// straddling the end of RAM or wrapping past 2^64): loading and
+        /// clearing never panic; what loads is well formed and survives a
+        /// flush and a reload unchanged.
+        #[test]
+        fn test_region_hostile_pages_never_panic(
+            pa in prop_oneof![Just(0x1000u64), Just(0x1800u64), any::<u64>()],
+            ours in any::<bool>(),
+            launch in 0u32..3,
+            words in proptest::collection::vec(any::<u64>(), 0..64),
+        ) {
+            let mut mem = FlatMemory::new(0x2000);
+            if ours {
+                let _ = flush_region(&mut mem, 0x1000, &Vmcs12::new(), LaunchState::Clear);
+                let _ = mem.write_u32(0x1000 + OFFSET_LAUNCH_STATE, launch);
+            }
+            for (i, w) in words.iter().enumerate() {
+                let _ = mem.write_u64(0x1000 + 0x20 + 8 * (i as u64) * 3, *w);
+            }
+            if let Ok((vmcs, state)) = load_region(&mem, pa) {
+                prop_assert!(vmcs.is_well_formed());
+                flush_region(&mut mem, pa, &vmcs, state).unwrap();
+                prop_assert_eq!(load_region(&mem, pa).unwrap(), (vmcs, state));
+            }
+            let _ = clear_region(&mut mem, pa);
+            let _ = read_revision(&mem, pa);
+            let _ = has_current_layout(&mem, pa);
+        }
     }
 }

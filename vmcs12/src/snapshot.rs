@@ -139,16 +139,22 @@ fn encode<T: Serialize>(kind: SnapshotKind, value: &T) -> Result<Vec<u8>, Snapsh
     if payload.len() > SNAPSHOT_MAX_PAYLOAD {
         return Err(SnapshotError::TooLarge(payload.len()));
     }
+    Ok(frame(kind.to_byte(), &payload))
+}
+
+/// Header (magic, version, kind, reserved 0, length, hash) then `payload`.
+/// The caller bounds `payload` by [`SNAPSHOT_MAX_PAYLOAD`], so its length
+/// fits the u32 length field.
+fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(SNAPSHOT_HEADER_LEN + payload.len());
     out.extend_from_slice(&SNAPSHOT_MAGIC);
     out.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
-    out.push(kind.to_byte());
+    out.push(kind);
     out.push(0);
-    // Bounded by SNAPSHOT_MAX_PAYLOAD above.
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&fnv1a64(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
-    Ok(out)
+    out.extend_from_slice(&fnv1a64(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
 }
 
 fn decode<T: DeserializeOwned>(kind: SnapshotKind, blob: &[u8]) -> Result<T, SnapshotError> {
@@ -323,13 +329,7 @@ mod tests {
         // A vmcs12 payload with one extra byte, with a valid header.
         let mut payload = bincode::serde::encode_to_vec(sample_vmcs(), config()).unwrap();
         payload.push(0);
-        let mut blob = Vec::new();
-        blob.extend_from_slice(&SNAPSHOT_MAGIC);
-        blob.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
-        blob.extend_from_slice(&[1, 0]);
-        blob.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        blob.extend_from_slice(&fnv1a64(&payload).to_le_bytes());
-        blob.extend_from_slice(&payload);
+        let blob = frame(1, &payload);
         assert_eq!(decode_vmcs12(&blob), Err(SnapshotError::TrailingBytes(1)));
     }
 
@@ -338,13 +338,7 @@ mod tests {
         // Valid header and hash around a payload that claims a 2^60-element
         // vector: bincode's limit stops it before it allocates.
         let payload = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0x10];
-        let mut blob = Vec::new();
-        blob.extend_from_slice(&SNAPSHOT_MAGIC);
-        blob.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
-        blob.extend_from_slice(&[1, 0]);
-        blob.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        blob.extend_from_slice(&fnv1a64(&payload).to_le_bytes());
-        blob.extend_from_slice(&payload);
+        let blob = frame(1, &payload);
         assert!(matches!(
             decode_vmcs12(&blob),
             Err(SnapshotError::Decode(_))

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::caps::{
     msr, VmxCapabilities, FEATURE_CONTROL_LOCKED, FEATURE_CONTROL_VMXON_OUTSIDE_SMX,
 };
-use crate::entry::check_vm_entry;
+use crate::entry::{check_eptp, check_vm_entry_in, EntryContext};
 use crate::field::{AccessType, FieldAccess, VmcsField};
 use crate::mem::GuestPhysMemory;
 use crate::outcome::{VmInstructionError, VmxFault, VmxOutcome};
@@ -405,24 +405,16 @@ impl CapView {
     fn invvpid_type(&self, t: u64) -> bool {
         t <= 3 && self.ept_vpid_cap & (1 << (40 + t)) != 0
     }
+}
 
-    /// EPTP validity as the VM-entry checks define it (SDM 27.2.1.1),
-    /// which INVEPT type 1 applies to its descriptor.
-    fn eptp_valid(&self, eptp: u64, caps: &VmxCapabilities) -> bool {
-        let memory_type_ok = match eptp & 7 {
-            0 => self.ept_vpid_cap & (1 << 8) != 0,
-            6 => self.ept_vpid_cap & (1 << 14) != 0,
-            _ => false,
-        };
-        let walk_ok = match (eptp >> 3) & 7 {
-            3 => self.ept_vpid_cap & (1 << 6) != 0,
-            4 => self.ept_vpid_cap & (1 << 7) != 0,
-            _ => false,
-        };
-        let ad_ok = eptp & (1 << 6) == 0 || self.ept_vpid_cap & (1 << 21) != 0;
-        let sss_ok = eptp & (1 << 7) == 0 || self.ept_vpid_cap & (1 << 23) != 0;
-        let reserved_ok = eptp & 0xf00 == 0 && caps.pa_in_width(eptp & !0xfff);
-        memory_type_ok && walk_ok && ad_ok && sss_ok && reserved_ok
+/// A register operand as the instruction sees it: 64 bits in 64-bit mode,
+/// else the low 32 bits (SDM 31: INVEPT/INVVPID type, VMREAD/VMWRITE
+/// encoding).
+fn register_operand(ctx: &InsnContext, value: u64) -> u64 {
+    if ctx.mode.is_64bit() {
+        value
+    } else {
+        value & 0xffff_ffff
     }
 }
 
@@ -810,12 +802,7 @@ impl VmxCpu {
     /// Resolves a VMREAD/VMWRITE encoding operand (32 bits wide outside
     /// 64-bit mode).
     fn resolve(&mut self, ctx: &InsnContext, encoding: u64) -> Result<FieldAccess, Failure> {
-        let encoding = if ctx.mode.is_64bit() {
-            encoding
-        } else {
-            encoding & 0xffff_ffff
-        };
-        FieldAccess::resolve(encoding)
+        FieldAccess::resolve(register_operand(ctx, encoding))
             .map_err(|_| self.vmfail(VmInstructionError::UnsupportedVmcsComponent))
     }
 
@@ -835,11 +822,7 @@ impl VmxCpu {
         }
         let access = self.resolve(ctx, encoding)?;
         let value = self.current().map_or(0, |c| c.vmcs.read_access(access));
-        Ok(if ctx.mode.is_64bit() {
-            value
-        } else {
-            value & 0xffff_ffff
-        })
+        Ok(register_operand(ctx, value))
     }
 
     /// VMWRITE of `value` (the source operand) to the field named by
@@ -910,8 +893,15 @@ impl VmxCpu {
         let Some(current) = self.current() else {
             return EntryResult::FailInvalid;
         };
-        // SDM 27.2 (controls, host state) then 27.3 (guest state).
-        match check_vm_entry(&current.vmcs, &self.caps, mem) {
+        // SDM 27.2 (controls, host state) then 27.3 (guest state). L1 is in
+        // IA-32e mode exactly when it executes in 64-bit mode here
+        // (compatibility mode already raised #UD); the VMCS link pointer
+        // must not be the current-VMCS pointer (SDM 27.3.1.5).
+        let cx = EntryContext {
+            l1_ia32e: matches!(ctx.mode, CpuMode::Long64 | CpuMode::Compatibility),
+            current_vmcs: Some(current.pointer),
+        };
+        match check_vm_entry_in(&current.vmcs, &self.caps, mem, &cx) {
             Ok(()) => {
                 if let Some(c) = self.current_mut() {
                     if launch {
@@ -988,11 +978,7 @@ impl VmxCpu {
     ) -> Result<EptInvalidation, Failure> {
         self.check_access(VmxInstruction::Invept, ctx)?;
         let caps = CapView::of(&self.caps);
-        let t = if ctx.mode.is_64bit() {
-            invept_type
-        } else {
-            invept_type & 0xffff_ffff
-        };
+        let t = register_operand(ctx, invept_type);
         if !caps.invept_type(t) {
             return Err(self.vmfail(VmInstructionError::InvalidInveptInvvpidOperand));
         }
@@ -1000,7 +986,9 @@ impl VmxCpu {
             return Ok(EptInvalidation::AllContexts);
         }
         let eptp = descriptor[0];
-        if !caps.eptp_valid(eptp, &self.caps) {
+        // SDM 31 INVEPT: the descriptor's EPTP must pass the VM-entry
+        // EPTP checks (one implementation: `entry::check_eptp`).
+        if check_eptp(&self.caps, eptp).is_err() {
             return Err(self.vmfail(VmInstructionError::InvalidInveptInvvpidOperand));
         }
         Ok(EptInvalidation::SingleContext { eptp })
@@ -1027,11 +1015,7 @@ impl VmxCpu {
     ) -> Result<VpidInvalidation, Failure> {
         self.check_access(VmxInstruction::Invvpid, ctx)?;
         let caps = CapView::of(&self.caps);
-        let t = if ctx.mode.is_64bit() {
-            invvpid_type
-        } else {
-            invvpid_type & 0xffff_ffff
-        };
+        let t = register_operand(ctx, invvpid_type);
         let bad = VmInstructionError::InvalidInveptInvvpidOperand;
         if !caps.invvpid_type(t) || descriptor[0] >> 16 != 0 {
             return Err(self.vmfail(bad));
@@ -2371,5 +2355,175 @@ mod tests {
         };
         assert!(cpu.check_consistency().is_err());
         assert!(root().0.check_consistency().is_ok());
+    }
+
+    // ---- L1's mode and the current-VMCS pointer reach the entry checks ----
+
+    #[test]
+    fn test_vmlaunch_checks_host_size_against_l1_mode() {
+        // SDM 27.2.4: "host address-space size" must equal L1's EFER.LMA.
+        // The VMCS has a 64-bit host: fine from 64-bit L1, VMfailValid(8)
+        // from a 32-bit protected-mode L1.
+        let (mut cpu, mem) = ready();
+        assert_eq!(
+            cpu.vmlaunch(&ctx32(), &mem),
+            EntryResult::FailValid(VmInstructionError::EntryInvalidHostStateFields)
+        );
+        assert_eq!(error_field(&cpu), 8);
+        assert_eq!(cpu.vmlaunch(&ctx64(), &mem), EntryResult::EnterL2);
+    }
+
+    #[test]
+    fn test_vmlaunch_link_pointer_equal_to_current_vmcs_qualification_4() {
+        // SDM 27.3.1.5: a link pointer to another valid region passes, one
+        // equal to the current-VMCS pointer is an entry failure (qual 4).
+        let (mut cpu, mem) = ready();
+        if let Some(v) = cpu.current_vmcs_mut() {
+            v.set(VmcsField::VMCS_LINK_POINTER, VMCS_A);
+        }
+        assert_eq!(
+            cpu.vmlaunch(&ctx64(), &mem),
+            EntryResult::EntryFailure {
+                exit_reason: 0x8000_0021,
+                exit_qualification: 4
+            }
+        );
+        if let Some(v) = cpu.current_vmcs_mut() {
+            v.set(VmcsField::VMCS_LINK_POINTER, VMCS_B);
+        }
+        assert_eq!(cpu.vmlaunch(&ctx64(), &mem), EntryResult::EnterL2);
+    }
+
+    /// One step of a random instruction sequence.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Vmxon(u64),
+        Vmxoff,
+        Vmclear(u64),
+        Vmptrld(u64),
+        Vmptrst,
+        Vmread(u64),
+        Vmwrite(u64, u64),
+        Vmlaunch,
+        Vmresume,
+        Invept(u64, [u64; 2]),
+        Invvpid(u64, [u64; 2]),
+        Scribble(u64, u64),
+    }
+
+    fn pointer() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(VMXON_PA),
+            Just(VMCS_A),
+            Just(VMCS_B),
+            Just(BLANK),
+            any::<u64>(),
+            (0u64..0x20).prop_map(|p| p << 12),
+        ]
+    }
+
+    fn encoding() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            proptest::sample::select(VmcsField::ALL.to_vec()).prop_map(|f| u64::from(f.encoding())),
+            any::<u64>(),
+            0u64..0x8000,
+        ]
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            pointer().prop_map(Step::Vmxon),
+            Just(Step::Vmxoff),
+            pointer().prop_map(Step::Vmclear),
+            pointer().prop_map(Step::Vmptrld),
+            Just(Step::Vmptrst),
+            encoding().prop_map(Step::Vmread),
+            (encoding(), any::<u64>()).prop_map(|(e, v)| Step::Vmwrite(e, v)),
+            Just(Step::Vmlaunch),
+            Just(Step::Vmresume),
+            (0u64..5, any::<[u64; 2]>()).prop_map(|(t, d)| Step::Invept(t, d)),
+            (0u64..5, any::<[u64; 2]>()).prop_map(|(t, d)| Step::Invvpid(t, d)),
+            (0u64..(RAM as u64 + 8), any::<u64>()).prop_map(|(a, v)| Step::Scribble(a, v)),
+        ]
+    }
+
+    fn context() -> impl Strategy<Value = InsnContext> {
+        prop_oneof![
+            8 => Just(ctx64()),
+            1 => Just(ctx32()),
+            1 => Just(cpl3()),
+            1 => Just(with_mode(CpuMode::Real)),
+            1 => Just(with_mode(CpuMode::Compatibility)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Random instruction sequences (random pointers, encodings, values,
+        /// modes, and L1 scribbling over its own VMCS regions) never panic,
+        /// keep the model consistent, and every VMfailValid(n) leaves n in
+        /// VM_INSTRUCTION_ERROR of the current VMCS.
+        #[test]
+        fn test_random_instruction_sequences_never_panic(
+            steps in proptest::collection::vec((context(), step()), 1..40)
+        ) {
+            let (mut cpu, mut mem) = fresh();
+            for (ctx, st) in steps {
+                let failed_valid = match st {
+                    Step::Vmxon(p) => matches!(cpu.vmxon(&ctx, &mem, p), VmxOutcome::FailValid(_)),
+                    Step::Vmxoff => matches!(cpu.vmxoff(&ctx, &mut mem), VmxOutcome::FailValid(_)),
+                    Step::Vmclear(p) => {
+                        matches!(cpu.vmclear(&ctx, &mut mem, p), VmxOutcome::FailValid(_))
+                    }
+                    Step::Vmptrld(p) => {
+                        matches!(cpu.vmptrld(&ctx, &mut mem, p), VmxOutcome::FailValid(_))
+                    }
+                    Step::Vmptrst => {
+                        let r = cpu.vmptrst(&ctx);
+                        if let InsnResult::Succeed(p) = r {
+                            prop_assert_eq!(p, cpu.current_vmcs_pointer());
+                        }
+                        false
+                    }
+                    Step::Vmread(e) => matches!(cpu.vmread(&ctx, e), InsnResult::FailValid(_)),
+                    Step::Vmwrite(e, v) => {
+                        matches!(cpu.vmwrite(&ctx, e, v), VmxOutcome::FailValid(_))
+                    }
+                    Step::Vmlaunch => matches!(cpu.vmlaunch(&ctx, &mem), EntryResult::FailValid(_)),
+                    Step::Vmresume => matches!(cpu.vmresume(&ctx, &mem), EntryResult::FailValid(_)),
+                    Step::Invept(t, d) => matches!(cpu.invept(&ctx, t, d), InsnResult::FailValid(_)),
+                    Step::Invvpid(t, d) => {
+                        matches!(cpu.invvpid(&ctx, t, d), InsnResult::FailValid(_))
+                    }
+                    Step::Scribble(a, v) => {
+                        let _ = mem.write_u64(a, v);
+                        false
+                    }
+                };
+                prop_assert!(cpu.check_consistency().is_ok(), "{:?}", cpu.check_consistency());
+                if failed_valid {
+                    prop_assert!(cpu.current_vmcs().is_some());
+                    prop_assert_ne!(error_field(&cpu), 0);
+                }
+            }
+        }
+
+        /// INVEPT single-context accepts exactly the EPTPs VM entry accepts
+        /// (one check, `entry::check_eptp`), for the default capabilities and
+        /// for ones that offer A/D flags and UC.
+        #[test]
+        fn test_invept_eptp_check_is_the_vm_entry_check(
+            eptp in prop_oneof![any::<u64>(), (0u64..0x1000).prop_map(|low| 0x7000 | low)],
+            extra in prop_oneof![Just(0u64), Just(crate::caps::ept_vpid::AD_FLAGS
+                | crate::caps::ept_vpid::MEMTYPE_UC)],
+        ) {
+            let caps = caps_with(|c| c.ept_vpid_cap |= extra);
+            let mut cpu = VmxCpu::new(caps.clone());
+            let mem = memory();
+            prop_assert_eq!(cpu.vmxon(&ctx64(), &mem, VMXON_PA), VmxOutcome::Succeed);
+            let invept_ok = matches!(cpu.invept(&ctx64(), 1, [eptp, 0]), InsnResult::Succeed(_));
+            prop_assert_eq!(invept_ok, check_eptp(&caps, eptp).is_ok());
+        }
     }
 }

@@ -1,0 +1,482 @@
+//! The command line (`l0-vmm demo | run | fields`) and the in-process
+//! entry points the end-to-end tests use ([`run_kernel`], [`main_with_args`]).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use vmcs12::{VmcsField, VmxCapabilities, VmxCpu};
+
+use crate::devices::{Devices, OutputSink, StdoutSink};
+use crate::hv::Vcpu;
+use crate::kvm::{KvmError, KvmVm, SyncPolicy};
+use crate::l1_image;
+use crate::l1_run::{run_l1, Platform, RunConfig, RunReport, EXIT_ERROR};
+use crate::loader::{load_kernel, KernelFormat, LoadError};
+use crate::memory::{GuestRam, MemoryError};
+use crate::msr::VmxMsrHandler;
+use crate::nested::Nested;
+
+/// Default guest RAM in MiB.
+pub const DEFAULT_MEM_MIB: u64 = 128;
+/// Default timeout of `l0-vmm demo`, in seconds.
+pub const DEFAULT_DEMO_TIMEOUT: u64 = 60;
+
+/// Command-line arguments.
+#[derive(Debug, Parser)]
+#[command(
+    name = "l0-vmm",
+    version,
+    about = "L0 VMM on KVM that emulates VMX for an L1 hypervisor"
+)]
+pub struct Cli {
+    /// Log L0 internals to stderr (-v: info, -vv: debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot the built-in L1 hypervisor (Multiboot, command line `test=demo`).
+    Demo {
+        /// L1 test mode: the command line becomes `test=NAME`.
+        #[arg(long, default_value = "demo")]
+        test: String,
+        /// Guest RAM in MiB (2-4096).
+        #[arg(long, default_value_t = DEFAULT_MEM_MIB)]
+        mem: u64,
+        /// End the run after SECS seconds.
+        #[arg(long, default_value_t = DEFAULT_DEMO_TIMEOUT)]
+        timeout: u64,
+    },
+    /// Boot a kernel file (Multiboot v1 or ELF64).
+    Run {
+        /// The kernel.
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Guest RAM in MiB (2-4096).
+        #[arg(long, default_value_t = DEFAULT_MEM_MIB)]
+        mem: u64,
+        /// Kernel command line.
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// End the run after SECS seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Print the VMCS field catalogue.
+    Fields {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Errors before the guest runs.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The kernel could not be loaded.
+    #[error("cannot load the kernel: {0}")]
+    Load(#[from] LoadError),
+    /// KVM setup.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// The kernel file could not be read.
+    #[error("cannot read kernel file {path}: {source}")]
+    ReadKernel {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// --mem out of range.
+    #[error("--mem {0} MiB is out of range: use 2 to 4096 (an even number)")]
+    BadMem(u64),
+}
+
+/// What to boot and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootOptions {
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Run timeout.
+    pub timeout: Option<Duration>,
+}
+
+/// Boots `image` in a fresh L1 VM (with nesting) and runs it to the end,
+/// printing through `sink`.
+pub fn run_kernel(
+    image: &[u8],
+    opts: &BootOptions,
+    sink: Box<dyn OutputSink>,
+) -> Result<RunReport, VmmError> {
+    if !(2..=4096).contains(&opts.mem_mib) || !opts.mem_mib.is_multiple_of(2) {
+        return Err(VmmError::BadMem(opts.mem_mib));
+    }
+    let ram = Arc::new(GuestRam::new(opts.mem_mib << 20)?);
+    let kernel = load_kernel(&ram, image, &opts.cmdline)?;
+    let caps = VmxCapabilities::l0_default();
+    let l1_vm = KvmVm::new_l1(ram.clone(), &caps)?;
+    let mut l1 = l1_vm.create_vcpu(0)?;
+    // Nothing L0 does with L1's state reads its SYSENTER/PAT/DEBUGCTL/
+    // KERNEL_GS_BASE MSRs or debug registers (VMX instructions do not, and a
+    // VM exit loads them from vmcs12's host state), so `get_state` skips
+    // those two ioctls; writes stay exact (see `SyncPolicy`). L2's vCPU
+    // keeps the exact policy: prepare_vmcs12 saves its MSRs.
+    l1.set_sync_policy(SyncPolicy {
+        msrs: false,
+        debugregs: false,
+    });
+    let base = l1.get_state()?;
+    l1.set_state(&kernel.entry_state(&base))?;
+    let l2_vm = KvmVm::new_l2(ram.clone())?;
+    l2_vm.filter_all_msrs()?;
+    let l2 = l2_vm.create_vcpu(0)?;
+    let l2_counters = l2.counter_handle();
+    // KVM's own MSR emulation answers L2's MSR accesses that L1 does not
+    // intercept: a vCPU of a third VM without a filter.
+    let msr_vm = KvmVm::new_l2(ram.clone())?;
+    let mut msr_vcpu = msr_vm.create_vcpu(0)?;
+    let mut nested = Nested::new(VmxCpu::new(caps.clone()), l2);
+    let mut devices = Devices::new(sink);
+    let format = match kernel.format {
+        KernelFormat::Multiboot => "Multiboot",
+        KernelFormat::Elf64 => "ELF64",
+    };
+    devices.console.l0_line(&format!(
+        "loaded {format} kernel [{:#x}, {:#x}), entry {:#x}, {} MiB RAM, cmdline {:?}",
+        kernel.image.0, kernel.image.1, kernel.entry, opts.mem_mib, opts.cmdline
+    ));
+    let vmx_msrs = VmxMsrHandler::new(caps);
+    let mut platform = Platform {
+        devices: &mut devices,
+        vmx_msrs: &vmx_msrs,
+        msrs: Some(&mut msr_vcpu),
+    };
+    let cfg = RunConfig {
+        timeout: opts.timeout,
+        l2_counters: Some(l2_counters),
+    };
+    Ok(run_l1(
+        &mut l1,
+        Some(&mut nested),
+        &ram,
+        &mut platform,
+        &cfg,
+    ))
+}
+
+/// One line per field: encoding, name, width, kind, access.
+pub fn fields_table() -> String {
+    let mut s = format!(
+        "{:<8} {:<40} {:<8} {:<10} {}\n",
+        "encoding", "name", "width", "kind", "access"
+    );
+    for f in VmcsField::ALL {
+        s.push_str(&format!(
+            "{:#06x}   {:<40} {:<8} {:<10} {}\n",
+            f.encoding(),
+            f.name(),
+            f.width().name(),
+            f.kind().name(),
+            if f.is_read_only() {
+                "read-only"
+            } else {
+                "read-write"
+            }
+        ));
+    }
+    s
+}
+
+/// The catalogue as a JSON array of objects.
+pub fn fields_json() -> String {
+    let v: Vec<serde_json::Value> = VmcsField::ALL
+        .iter()
+        .map(|f| {
+            serde_json::json!({
+                "encoding": format!("{:#06x}", f.encoding()),
+                "name": f.name(),
+                "width": f.width().name(),
+                "kind": f.kind().name(),
+                "read_only": f.is_read_only(),
+                "description": f.description(),
+            })
+        })
+        .collect();
+    serde_json::to_string_pretty(&v).unwrap_or_else(|e| format!("\"JSON error: {e}\""))
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => tracing::Level::WARN,
+        1 => tracing::Level::INFO,
+        _ => tracing::Level::DEBUG,
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs the CLI with `args` (including the program name), printing guest
+/// output to `sink`; returns the process exit code.
+pub fn main_with_args<I, T>(args: I, sink: Box<dyn OutputSink>) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Fields { json } => {
+            let text = if json { fields_json() } else { fields_table() };
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", text.trim_end());
+            return 0;
+        }
+        Command::Demo { test, mem, timeout } => run_kernel(
+            l1_image::L1_GUEST_ELF,
+            &BootOptions {
+                mem_mib: mem,
+                cmdline: format!("test={test}"),
+                timeout: Some(Duration::from_secs(timeout)),
+            },
+            sink,
+        ),
+        Command::Run {
+            kernel,
+            mem,
+            cmdline,
+            timeout,
+        } => match std::fs::read(&kernel) {
+            Ok(image) => run_kernel(
+                &image,
+                &BootOptions {
+                    mem_mib: mem,
+                    cmdline,
+                    timeout: timeout.map(Duration::from_secs),
+                },
+                sink,
+            ),
+            Err(source) => Err(VmmError::ReadKernel {
+                path: kernel,
+                source,
+            }),
+        },
+    };
+    match result {
+        Ok(report) => report.end.exit_code(),
+        Err(e) => {
+            eprintln!("[L0] error: {e}");
+            EXIT_ERROR
+        }
+    }
+}
+
+/// The binary's entry: `std::env::args`, stdout.
+pub fn main() -> i32 {
+    main_with_args(std::env::args_os(), Box::new(StdoutSink))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::CaptureSink;
+    use crate::loader::images::elf64;
+    use crate::test_support::kvm_or_skip;
+
+    #[test]
+    fn test_fields_table_lists_every_field() {
+        let t = fields_table();
+        let lines: Vec<_> = t.lines().collect();
+        assert_eq!(lines.len(), VmcsField::COUNT + 1);
+        let g = lines
+            .iter()
+            .find(|l| l.contains(" GUEST_CR0 "))
+            .expect("GUEST_CR0 listed");
+        assert!(g.starts_with("0x6800"), "{g}");
+        assert!(g.contains("natural") && g.contains("guest") && g.contains("read-write"));
+        let r = lines
+            .iter()
+            .find(|l| l.contains(" VM_EXIT_REASON "))
+            .expect("VM_EXIT_REASON listed");
+        assert!(r.starts_with("0x4402") && r.contains("exit-info") && r.contains("read-only"));
+    }
+
+    #[test]
+    fn test_fields_json_round_trips() {
+        let v: serde_json::Value = serde_json::from_str(&fields_json()).unwrap();
+        let a = v.as_array().unwrap();
+        assert_eq!(a.len(), VmcsField::COUNT);
+        let f = a
+            .iter()
+            .find(|o| o["name"] == "VMCS_LINK_POINTER")
+            .expect("VMCS_LINK_POINTER present");
+        assert_eq!(f["encoding"], "0x2800");
+        assert_eq!(f["width"], "64");
+        assert_eq!(f["kind"], "guest");
+        assert_eq!(f["read_only"], false);
+        let r = a
+            .iter()
+            .find(|o| o["name"] == "EXIT_QUALIFICATION")
+            .unwrap();
+        assert_eq!(r["read_only"], true);
+    }
+
+    #[test]
+    fn test_cli_parses_subcommands() {
+        let c = Cli::try_parse_from([
+            "l0-vmm",
+            "run",
+            "--kernel",
+            "k",
+            "--mem",
+            "64",
+            "--cmdline",
+            "a b",
+            "--timeout",
+            "5",
+        ])
+        .unwrap();
+        match c.command {
+            Command::Run {
+                kernel,
+                mem,
+                cmdline,
+                timeout,
+            } => {
+                assert_eq!(kernel, PathBuf::from("k"));
+                assert_eq!((mem, cmdline.as_str(), timeout), (64, "a b", Some(5)));
+            }
+            c => panic!("parsed {c:?}"),
+        }
+        assert!(
+            Cli::try_parse_from(["l0-vmm", "run"]).is_err(),
+            "--kernel is required"
+        );
+        assert!(matches!(
+            Cli::try_parse_from(["l0-vmm", "fields", "--json"])
+                .unwrap()
+                .command,
+            Command::Fields { json: true }
+        ));
+    }
+
+    #[test]
+    fn test_run_kernel_rejects_bad_mem_and_bad_files() {
+        let sink = || Box::new(CaptureSink::new());
+        let opts = |mem| BootOptions {
+            mem_mib: mem,
+            cmdline: String::new(),
+            timeout: None,
+        };
+        assert!(matches!(
+            run_kernel(&[], &opts(3), sink()),
+            Err(VmmError::BadMem(3))
+        ));
+        assert!(matches!(
+            run_kernel(&[], &opts(8192), sink()),
+            Err(VmmError::BadMem(8192))
+        ));
+        assert!(matches!(
+            run_kernel(b"not a kernel", &opts(16), sink()),
+            Err(VmmError::Load(LoadError::UnknownFormat))
+        ));
+        let code = main_with_args(
+            ["l0-vmm", "run", "--kernel", "/nonexistent/kernel"],
+            Box::new(CaptureSink::new()),
+        );
+        assert_eq!(code, EXIT_ERROR);
+    }
+
+    #[test]
+    fn test_run_kernel_elf64_prints_and_exits() {
+        if !kvm_or_skip() {
+            return;
+        }
+        // mov dx, 0x3f8; mov al, 'o'; out dx, al; mov al, 'k'; out dx, al;
+        // mov al, 10; out dx, al; mov al, 0x15; out 0xf4, al
+        let code = [
+            0x66, 0xba, 0xf8, 0x03, 0xb0, b'o', 0xee, 0xb0, b'k', 0xee, 0xb0, 10, 0xee, 0xb0, 0x15,
+            0xe6, 0xf4, 0xf4,
+        ];
+        let cap = CaptureSink::new();
+        let r = run_kernel(
+            &elf64(0x20_0000, &code, 0),
+            &BootOptions {
+                mem_mib: 16,
+                cmdline: "x".into(),
+                timeout: Some(Duration::from_secs(10)),
+            },
+            Box::new(cap.clone()),
+        )
+        .unwrap();
+        assert_eq!(r.end.exit_code(), 0x2b);
+        let lines = cap.lines();
+        assert!(lines.iter().any(|l| l == "[L1] ok"), "{lines:?}");
+        assert!(lines[0].starts_with("[L0] loaded ELF64 kernel"));
+    }
+
+    #[test]
+    fn test_run_kernel_multiboot_gets_magic_and_memory_info() {
+        if !kvm_or_skip() {
+            return;
+        }
+        // 32-bit: cmp eax, 0x2badb002; jne hlt; mov eax, [ebx+8]
+        // (mem_upper); shr eax, 10; out 0xf4, eax; hlt
+        let code = [
+            0x3d, 0x02, 0xb0, 0xad, 0x2b, 0x75, 0x08, 0x8b, 0x43, 0x08, 0xc1, 0xe8, 0x0a, 0xe7,
+            0xf4, 0xf4,
+        ];
+        let r = run_kernel(
+            &crate::loader::images::multiboot_kludge(0x10_0000, &code, 0),
+            &BootOptions {
+                mem_mib: 16,
+                cmdline: String::new(),
+                timeout: Some(Duration::from_secs(10)),
+            },
+            Box::new(CaptureSink::new()),
+        )
+        .unwrap();
+        // mem_upper = 15 MiB in KiB; >> 10 = 15; exit code (15 << 1) | 1.
+        assert_eq!(r.end, crate::l1_run::RunEnd::DebugExit(31));
+    }
+
+    #[test]
+    fn test_run_kernel_timeout_ends_a_spinning_guest() {
+        if !kvm_or_skip() {
+            return;
+        }
+        // jmp $
+        let cap = CaptureSink::new();
+        let r = run_kernel(
+            &elf64(0x20_0000, &[0xeb, 0xfe], 0),
+            &BootOptions {
+                mem_mib: 16,
+                cmdline: String::new(),
+                timeout: Some(Duration::from_millis(200)),
+            },
+            Box::new(cap),
+        )
+        .unwrap();
+        assert_eq!(r.end.exit_code(), crate::l1_run::EXIT_TIMEOUT);
+    }
+}

@@ -1,0 +1,1780 @@
+//! The KVM backend: VMs over the shared guest RAM and a `hv::Vcpu` on a
+//! KVM vCPU.
+//!
+//! Layering (after Firecracker): [`KvmVcpu::run`] is a thin wrapper around
+//! `KVM_RUN` (EINTR becomes [`VmExit::Interrupted`]) followed by one flat
+//! match turning the borrowed `kvm_ioctls::VcpuExit` into the owned
+//! [`VmExit`]; nothing borrowed from `kvm_run` leaves this file. Register
+//! state lives in `kvm_run` sync regs (KVM_CAP_SYNC_REGS: regs, sregs,
+//! events), so `get_state`/`set_state` of GPRs and segment/control
+//! registers cost no ioctl; MSRs and debug registers use ioctls only when
+//! the [`SyncPolicy`] asks for them or their value changes.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_dtable, kvm_guest_debug, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
+    kvm_userspace_memory_region, kvm_vcpu_events, Msrs, KVM_GUESTDBG_ENABLE,
+    KVM_GUESTDBG_SINGLESTEP, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_MEM_READONLY,
+    KVM_VCPUEVENT_VALID_PAYLOAD, KVM_X86_SHADOW_INT_MOV_SS, KVM_X86_SHADOW_INT_STI,
+};
+use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
+use nested_exit::{DescriptorTable, Gprs, PendingEvent, Segment, VcpuState, VmxMsrs};
+use vmcs12::VmxCapabilities;
+
+use crate::cpuid;
+use crate::hv::{IoctlCounters, Vcpu, VmExit};
+use crate::memory::GuestRam;
+use crate::msr;
+
+/// Address KVM uses for the real-mode TSS pages on Intel hosts: three pages
+/// just below the 4 GiB boundary, above any RAM this VMM maps.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// `KVM_EXIT_*` numbers used for [`VmExit::Unsupported`].
+const KVM_EXIT_IO: u32 = 2;
+const KVM_EXIT_MEMORY_FAULT: u32 = 39;
+
+/// MSR indices kept in [`VmxMsrs`] (SDM Vol. 4, table 2-2).
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_IA32_DEBUGCTL: u32 = 0x1d9;
+const MSR_IA32_PAT: u32 = 0x277;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const STATE_MSRS: [u32; 6] = [
+    MSR_IA32_SYSENTER_CS,
+    MSR_IA32_SYSENTER_ESP,
+    MSR_IA32_SYSENTER_EIP,
+    MSR_IA32_DEBUGCTL,
+    MSR_IA32_PAT,
+    MSR_KERNEL_GS_BASE,
+];
+
+/// VMCS interruption types (SDM 24.8.3), bits 10:8 of the info field.
+const INTR_TYPE_EXT_INTR: u32 = 0;
+const INTR_TYPE_NMI: u32 = 2;
+const INTR_TYPE_HARD_EXCEPTION: u32 = 3;
+const INTR_TYPE_SOFT_INTR: u32 = 4;
+const INTR_INFO_DELIVER_CODE: u32 = 1 << 11;
+const INTR_INFO_VALID: u32 = 1 << 31;
+
+/// Interruptibility-state bits (SDM 24.4.2, Table 24-3).
+const INTERRUPTIBILITY_STI: u32 = 1 << 0;
+const INTERRUPTIBILITY_MOV_SS: u32 = 1 << 1;
+const INTERRUPTIBILITY_NMI: u32 = 1 << 3;
+
+/// Errors of the KVM backend, one per failing operation.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    /// /dev/kvm could not be opened.
+    #[error(
+        "cannot open /dev/kvm: {0}; check that KVM is available and this user may open /dev/kvm"
+    )]
+    Open(#[source] kvm_ioctls::Error),
+    /// KVM_CREATE_VM failed.
+    #[error("KVM_CREATE_VM failed: {0}")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    /// KVM_CREATE_VCPU failed.
+    #[error("KVM_CREATE_VCPU failed: {0}")]
+    CreateVcpu(#[source] kvm_ioctls::Error),
+    /// KVM_SET_USER_MEMORY_REGION failed.
+    #[error("KVM_SET_USER_MEMORY_REGION for slot {slot} failed: {source}")]
+    SetMemslot {
+        /// Slot number.
+        slot: u32,
+        /// Error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A memslot does not fit in guest RAM.
+    #[error("memslot {slot} (RAM offset {ram_offset:#x}, size {size:#x}) is outside guest RAM or not page aligned")]
+    BadMemslot {
+        /// Slot number.
+        slot: u32,
+        /// Offset in guest RAM.
+        ram_offset: u64,
+        /// Size.
+        size: u64,
+    },
+    /// KVM_RUN failed with something other than EINTR.
+    #[error("KVM_RUN failed: {0}")]
+    Run(#[source] kvm_ioctls::Error),
+    /// KVM_GET_REGS / KVM_GET_SREGS / KVM_GET_VCPU_EVENTS failed.
+    #[error("reading the vCPU registers (KVM_GET_REGS/SREGS/VCPU_EVENTS) failed: {0}")]
+    GetRegs(#[source] kvm_ioctls::Error),
+    /// KVM_GET_MSRS failed or returned fewer MSRs than asked.
+    #[error("KVM_GET_MSRS failed: {0}")]
+    GetMsrs(String),
+    /// KVM_SET_MSRS failed or set fewer MSRs than asked.
+    #[error("KVM_SET_MSRS failed: {0}")]
+    SetMsrs(String),
+    /// KVM_GET_DEBUGREGS failed.
+    #[error("KVM_GET_DEBUGREGS failed: {0}")]
+    GetDebugRegs(#[source] kvm_ioctls::Error),
+    /// KVM_SET_DEBUGREGS failed.
+    #[error("KVM_SET_DEBUGREGS failed: {0}")]
+    SetDebugRegs(#[source] kvm_ioctls::Error),
+    /// KVM_SET_VCPU_EVENTS failed.
+    #[error("KVM_SET_VCPU_EVENTS failed: {0}")]
+    SetEvents(#[source] kvm_ioctls::Error),
+    /// KVM_SET_GUEST_DEBUG failed.
+    #[error("KVM_SET_GUEST_DEBUG failed: {0}")]
+    SetGuestDebug(#[source] kvm_ioctls::Error),
+    /// The CPUID could not be set up.
+    #[error(transparent)]
+    Cpuid(#[from] cpuid::CpuidError),
+    /// The MSR filter could not be installed.
+    #[error(transparent)]
+    Msr(#[from] msr::MsrError),
+}
+
+/// One KVM memslot: a window of guest RAM mapped at a guest-physical
+/// address of one VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemSlot {
+    /// KVM slot number.
+    pub slot: u32,
+    /// Guest-physical address in this VM.
+    pub gpa: u64,
+    /// Offset of the window in [`GuestRam`].
+    pub ram_offset: u64,
+    /// Size in bytes (page multiple).
+    pub size: u64,
+    /// Map read-only (writes exit as MMIO).
+    pub read_only: bool,
+}
+
+/// Which VM this is: decides the CPUID its vCPUs get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmRole {
+    /// L1's VM: CPUID says VMX.
+    L1,
+    /// The VM L2 runs in: CPUID without VMX.
+    L2,
+}
+
+/// A KVM VM whose memory is (windows of) the shared [`GuestRam`].
+#[derive(Debug)]
+pub struct KvmVm {
+    kvm: Kvm,
+    vm: VmFd,
+    ram: Arc<GuestRam>,
+    role: VmRole,
+    slots: BTreeMap<u32, MemSlot>,
+}
+
+impl KvmVm {
+    fn new(ram: Arc<GuestRam>, role: VmRole) -> Result<Self, KvmError> {
+        let kvm = Kvm::new().map_err(KvmError::Open)?;
+        let vm = kvm.create_vm().map_err(KvmError::CreateVm)?;
+        if let Err(e) = vm.set_tss_address(TSS_ADDRESS) {
+            tracing::debug!("KVM_SET_TSS_ADDR failed ({e}); not needed by this backend");
+        }
+        let mut me = Self {
+            kvm,
+            vm,
+            ram,
+            role,
+            slots: BTreeMap::new(),
+        };
+        let size = me.ram.size();
+        me.set_memslot(MemSlot {
+            slot: 0,
+            gpa: 0,
+            ram_offset: 0,
+            size,
+            read_only: false,
+        })?;
+        Ok(me)
+    }
+
+    /// L1's VM: all of RAM at guest-physical 0, and RDMSR/WRMSR of
+    /// IA32_FEATURE_CONTROL and the IA32_VMX_* MSRs exit to L0.
+    pub fn new_l1(ram: Arc<GuestRam>, _caps: &VmxCapabilities) -> Result<Self, KvmError> {
+        let vm = Self::new(ram, VmRole::L1)?;
+        msr::enable_user_space_msr(&vm.vm)?;
+        msr::install_msr_filter(&vm.vm, msr::VMX_MSR_RANGES)?;
+        Ok(vm)
+    }
+
+    /// The VM L2 runs in: a second VM whose memslot 0 aliases the same
+    /// RAM mapping (replace it with [`KvmVm::set_memslot`] /
+    /// [`KvmVm::remove_memslot`] for EPT-style mappings).
+    pub fn new_l2(ram: Arc<GuestRam>) -> Result<Self, KvmError> {
+        Self::new(ram, VmRole::L2)
+    }
+
+    /// The guest RAM this VM maps.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// The raw VM fd (for ioctls this type does not wrap).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// The role this VM was created for.
+    pub fn role(&self) -> VmRole {
+        self.role
+    }
+
+    /// Current memslots, by slot number.
+    pub fn memslots(&self) -> impl Iterator<Item = &MemSlot> {
+        self.slots.values()
+    }
+
+    /// Adds or replaces a memslot. The window must lie inside guest RAM
+    /// and be page aligned.
+    pub fn set_memslot(&mut self, s: MemSlot) -> Result<(), KvmError> {
+        let bad = KvmError::BadMemslot {
+            slot: s.slot,
+            ram_offset: s.ram_offset,
+            size: s.size,
+        };
+        let page = crate::memory::PAGE_SIZE;
+        if s.size == 0
+            || !s.size.is_multiple_of(page)
+            || !s.ram_offset.is_multiple_of(page)
+            || !s.gpa.is_multiple_of(page)
+        {
+            return Err(bad);
+        }
+        if self.ram.check_range(s.ram_offset, s.size).is_err() {
+            return Err(bad);
+        }
+        let region = kvm_userspace_memory_region {
+            slot: s.slot,
+            flags: if s.read_only { KVM_MEM_READONLY } else { 0 },
+            guest_phys_addr: s.gpa,
+            memory_size: s.size,
+            userspace_addr: self.ram.host_addr() + s.ram_offset,
+        };
+        // SAFETY: the host range [host_addr + ram_offset, + size) lies inside
+        // the live guest RAM mapping (checked above), and this VM holds an
+        // Arc of that mapping, so it outlives the memslot.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(|source| {
+            KvmError::SetMemslot {
+                slot: s.slot,
+                source,
+            }
+        })?;
+        self.slots.insert(s.slot, s);
+        Ok(())
+    }
+
+    /// Removes a memslot (size 0 in KVM's terms). Unknown slots are a no-op.
+    pub fn remove_memslot(&mut self, slot: u32) -> Result<(), KvmError> {
+        let Some(s) = self.slots.get(&slot).copied() else {
+            return Ok(());
+        };
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: s.gpa,
+            memory_size: 0,
+            userspace_addr: self.ram.host_addr() + s.ram_offset,
+        };
+        // SAFETY: deleting a slot makes KVM drop its reference to the host
+        // range; no new host memory is exposed.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|source| KvmError::SetMemslot { slot, source })?;
+        self.slots.remove(&slot);
+        Ok(())
+    }
+
+    /// Makes RDMSR/WRMSR of the MSR ranges `(base, count)` exit to
+    /// userspace as [`VmExit::RdMsr`]/[`VmExit::WrMsr`] (replaces the
+    /// VM's previous filter).
+    pub fn install_msr_filter(&self, ranges: &[(u32, u32)]) -> Result<(), KvmError> {
+        msr::enable_user_space_msr(&self.vm)?;
+        msr::install_msr_filter(&self.vm, ranges)?;
+        Ok(())
+    }
+
+    /// Makes every RDMSR/WRMSR of this VM's vCPUs exit to userspace
+    /// (a default-deny filter), so L0 can decide each one (L2's VM).
+    pub fn filter_all_msrs(&self) -> Result<(), KvmError> {
+        msr::enable_user_space_msr(&self.vm)?;
+        msr::install_deny_all_filter(&self.vm)?;
+        Ok(())
+    }
+
+    /// Creates vCPU `id` with the CPUID of this VM's role.
+    pub fn create_vcpu(&self, id: u64) -> Result<KvmVcpu, KvmError> {
+        let fd = self.vm.create_vcpu(id).map_err(KvmError::CreateVcpu)?;
+        let mut counters = IoctlCounters::default();
+        let entries = cpuid::supported(&self.kvm)?;
+        let cpuid = match self.role {
+            VmRole::L1 => cpuid::l1_cpuid(entries)?,
+            VmRole::L2 => cpuid::l2_cpuid(entries)?,
+        };
+        cpuid::set(&fd, &cpuid)?;
+        counters.other += 1;
+        KvmVcpu::new(fd, self.ram.clone(), counters, self.vm.run_size())
+    }
+}
+
+/// Ioctl counters shared with [`CounterHandle`]s.
+#[derive(Debug, Default)]
+struct SharedCounters {
+    kvm_run: AtomicU64,
+    other: AtomicU64,
+}
+
+impl SharedCounters {
+    fn bump_run(&self) {
+        self.kvm_run.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn bump_other(&self) {
+        self.other.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn add(&self, c: IoctlCounters) {
+        self.kvm_run.fetch_add(c.kvm_run, Ordering::Relaxed);
+        self.other.fetch_add(c.other, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> IoctlCounters {
+        IoctlCounters {
+            kvm_run: self.kvm_run.load(Ordering::Relaxed),
+            other: self.other.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Reads a [`KvmVcpu`]'s ioctl counters from anywhere.
+#[derive(Debug, Clone)]
+pub struct CounterHandle(Arc<SharedCounters>);
+
+impl CounterHandle {
+    /// The counters now.
+    pub fn get(&self) -> IoctlCounters {
+        self.0.get()
+    }
+}
+
+/// Which parts of the state `get_state` reads with ioctls.
+///
+/// A part that is not read comes from the copy L0 last wrote or read,
+/// which may be stale if the guest changed it without an exit. Writes stay
+/// exact either way: when `set_state` changes such a part, L0 first reads
+/// KVM's values and only replaces the fields the caller changed relative
+/// to the copy it was given (one extra ioctl, only when something changed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncPolicy {
+    /// Read SYSENTER_CS/ESP/EIP, DEBUGCTL, PAT, KERNEL_GS_BASE with
+    /// KVM_GET_MSRS on every `get_state` (a guest may write them without
+    /// an exit).
+    pub msrs: bool,
+    /// Read DR0-3/DR6/DR7 with KVM_GET_DEBUGREGS on every `get_state`.
+    pub debugregs: bool,
+}
+
+impl Default for SyncPolicy {
+    fn default() -> Self {
+        Self {
+            msrs: true,
+            debugregs: true,
+        }
+    }
+}
+
+/// The answer the last exit is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    None,
+    IoIn {
+        data_offset: usize,
+        size: usize,
+        count: usize,
+        next: usize,
+    },
+    MmioRead {
+        len: usize,
+    },
+    RdMsr,
+    WrMsr,
+}
+
+/// A KVM vCPU driven through [`Vcpu`].
+#[derive(Debug)]
+pub struct KvmVcpu {
+    fd: VcpuFd,
+    _ram: Arc<GuestRam>,
+    counters: Arc<SharedCounters>,
+    policy: SyncPolicy,
+    /// MSRs as KVM holds them (last read or written).
+    msrs: VmxMsrs,
+    /// Debug registers as KVM holds them.
+    debugregs: kvm_debugregs,
+    /// Events as KVM holds them (sync copy after a run, or the last set).
+    events: kvm_vcpu_events,
+    pending: Pending,
+    /// Queued OUT elements of a string OUT (`rep outs`), delivered one per
+    /// `run()` without entering KVM.
+    out_queue: std::collections::VecDeque<VmExit>,
+    single_step: bool,
+    /// Size of the kvm_run mapping (bounds the I/O data area).
+    run_size: usize,
+    /// `kvm_run.immediate_exit` as last set.
+    immediate_exit: bool,
+}
+
+impl KvmVcpu {
+    fn new(
+        fd: VcpuFd,
+        ram: Arc<GuestRam>,
+        mut counters: IoctlCounters,
+        run_size: usize,
+    ) -> Result<Self, KvmError> {
+        let mut me = Self {
+            fd,
+            run_size,
+            immediate_exit: false,
+            _ram: ram,
+            counters: Arc::new(SharedCounters::default()),
+            policy: SyncPolicy::default(),
+            msrs: VmxMsrs::default(),
+            debugregs: kvm_debugregs::default(),
+            events: kvm_vcpu_events::default(),
+            pending: Pending::None,
+            out_queue: Default::default(),
+            single_step: false,
+        };
+        // Prime the sync-regs area: KVM fills it only after the first run.
+        let regs = me.fd.get_regs().map_err(KvmError::GetRegs)?;
+        let sregs = me.fd.get_sregs().map_err(KvmError::GetRegs)?;
+        let events = me.fd.get_vcpu_events().map_err(KvmError::GetRegs)?;
+        counters.other += 3;
+        me.counters.add(counters);
+        me.fd.set_sync_valid_reg(SyncReg::Register);
+        me.fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        me.fd.set_sync_valid_reg(SyncReg::VcpuEvents);
+        let s = me.fd.sync_regs_mut();
+        s.regs = regs;
+        s.sregs = sregs;
+        s.events = events;
+        me.events = events;
+        me.msrs = me.read_msrs()?;
+        me.debugregs = me.read_debugregs()?;
+        Ok(me)
+    }
+
+    /// Chooses which state `get_state` refreshes with ioctls.
+    pub fn set_sync_policy(&mut self, policy: SyncPolicy) {
+        self.policy = policy;
+    }
+
+    /// Turns single-stepping (`KVM_GUESTDBG_SINGLESTEP`) on or off: each
+    /// instruction then exits as [`VmExit::Debug`].
+    pub fn set_single_step(&mut self, on: bool) -> Result<(), KvmError> {
+        let dbg = kvm_guest_debug {
+            control: if on {
+                KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP
+            } else {
+                0
+            },
+            ..Default::default()
+        };
+        self.counters.bump_other();
+        self.fd
+            .set_guest_debug(&dbg)
+            .map_err(KvmError::SetGuestDebug)?;
+        self.single_step = on;
+        Ok(())
+    }
+
+    /// Sets `immediate_exit`: the next `run()` returns
+    /// [`VmExit::Interrupted`] without entering the guest.
+    /// Queued elements of a string OUT are discarded by such a run.
+    pub fn set_immediate_exit(&mut self, on: bool) {
+        self.immediate_exit = on;
+        self.fd.set_kvm_immediate_exit(u8::from(on));
+    }
+
+    /// KVM_GET_MSRS of one MSR: `None` if KVM does not implement it.
+    pub fn get_msr(&mut self, index: u32) -> Result<Option<u64>, KvmError> {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .map_err(|e| KvmError::GetMsrs(format!("{e:?}")))?;
+        self.counters.bump_other();
+        let n = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(|e| KvmError::GetMsrs(e.to_string()))?;
+        Ok((n == 1).then(|| msrs.as_slice().first().map_or(0, |e| e.data)))
+    }
+
+    /// KVM_SET_MSRS of one MSR: `false` if KVM refuses the value.
+    pub fn set_msr(&mut self, index: u32, data: u64) -> Result<bool, KvmError> {
+        let msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }])
+        .map_err(|e| KvmError::SetMsrs(format!("{e:?}")))?;
+        self.counters.bump_other();
+        let n = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(|e| KvmError::SetMsrs(e.to_string()))?;
+        Ok(n == 1)
+    }
+
+    /// A handle that reads this vCPU's ioctl counters, also after the vCPU
+    /// moved elsewhere (e.g. into the nesting state).
+    pub fn counter_handle(&self) -> CounterHandle {
+        CounterHandle(self.counters.clone())
+    }
+
+    /// The raw vCPU fd (for ioctls this type does not wrap).
+    pub fn vcpu_fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    fn read_msrs(&mut self) -> Result<VmxMsrs, KvmError> {
+        let entries: Vec<kvm_msr_entry> = STATE_MSRS
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|e| KvmError::GetMsrs(format!("{e:?}")))?;
+        self.counters.bump_other();
+        let n = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(|e| KvmError::GetMsrs(e.to_string()))?;
+        if n != STATE_MSRS.len() {
+            return Err(KvmError::GetMsrs(format!(
+                "KVM returned {n} of {} MSRs",
+                STATE_MSRS.len()
+            )));
+        }
+        let mut out = self.msrs;
+        for e in msrs.as_slice() {
+            match e.index {
+                MSR_IA32_SYSENTER_CS => out.sysenter_cs = e.data as u32,
+                MSR_IA32_SYSENTER_ESP => out.sysenter_esp = e.data,
+                MSR_IA32_SYSENTER_EIP => out.sysenter_eip = e.data,
+                MSR_IA32_DEBUGCTL => out.debugctl = e.data,
+                MSR_IA32_PAT => out.pat = e.data,
+                MSR_KERNEL_GS_BASE => out.kernel_gs_base = e.data,
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    fn write_msrs(&mut self, m: &VmxMsrs) -> Result<(), KvmError> {
+        let entries = [
+            (MSR_IA32_SYSENTER_CS, u64::from(m.sysenter_cs)),
+            (MSR_IA32_SYSENTER_ESP, m.sysenter_esp),
+            (MSR_IA32_SYSENTER_EIP, m.sysenter_eip),
+            (MSR_IA32_DEBUGCTL, m.debugctl),
+            (MSR_IA32_PAT, m.pat),
+            (MSR_KERNEL_GS_BASE, m.kernel_gs_base),
+        ]
+        .map(|(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        });
+        let msrs = Msrs::from_entries(&entries).map_err(|e| KvmError::SetMsrs(format!("{e:?}")))?;
+        self.counters.bump_other();
+        let n = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(|e| KvmError::SetMsrs(e.to_string()))?;
+        if n != entries.len() {
+            let failed = entries.get(n).map_or(0, |e| e.index);
+            return Err(KvmError::SetMsrs(format!(
+                "KVM refused MSR {failed:#x} (value {:#x})",
+                entries.get(n).map_or(0, |e| e.data)
+            )));
+        }
+        Ok(())
+    }
+
+    fn read_debugregs(&mut self) -> Result<kvm_debugregs, KvmError> {
+        self.counters.bump_other();
+        self.fd.get_debug_regs().map_err(KvmError::GetDebugRegs)
+    }
+
+    /// Reads the exit data of `KVM_EXIT_INTERNAL_ERROR` from `kvm_run`.
+    fn internal_error_exit(&mut self) -> VmExit {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: called only right after KVM_RUN reported
+        // KVM_EXIT_INTERNAL_ERROR, which makes `internal` (and, for the
+        // emulation suberror, its `emulation_failure` view) the valid
+        // union member; both are plain integer structs.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        if internal.suberror != KVM_INTERNAL_ERROR_EMULATION {
+            return VmExit::InternalError {
+                suberror: internal.suberror,
+            };
+        }
+        // SAFETY: as above: suberror EMULATION selects `emulation_failure`.
+        let ef = unsafe { run.__bindgen_anon_1.emulation_failure };
+        let mut insn_bytes = Vec::new();
+        if ef.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0 {
+            // SAFETY: the flag says the instruction-bytes view is filled in;
+            // it is a plain byte struct.
+            let b = unsafe { ef.__bindgen_anon_1.__bindgen_anon_1 };
+            let n = usize::from(b.insn_size).min(b.insn_bytes.len());
+            insn_bytes.extend_from_slice(&b.insn_bytes[..n]);
+        }
+        VmExit::EmulationFailure { insn_bytes }
+    }
+}
+
+/// Converts a KVM segment to the VMCS-format record (SDM 24.4.1).
+pub fn segment_from_kvm(s: &kvm_segment) -> Segment {
+    let ar = u32::from(s.type_ & 0xf)
+        | u32::from(s.s & 1) << 4
+        | u32::from(s.dpl & 3) << 5
+        | u32::from(s.present & 1) << 7
+        | u32::from(s.avl & 1) << 12
+        | u32::from(s.l & 1) << 13
+        | u32::from(s.db & 1) << 14
+        | u32::from(s.g & 1) << 15
+        | u32::from(s.unusable & 1) << 16;
+    Segment {
+        selector: s.selector,
+        base: s.base,
+        limit: s.limit,
+        ar,
+    }
+}
+
+/// Converts a VMCS-format segment to KVM's layout.
+pub fn segment_to_kvm(s: &Segment) -> kvm_segment {
+    let bit = |n: u32| ((s.ar >> n) & 1) as u8;
+    kvm_segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: (s.ar & 0xf) as u8,
+        s: bit(4),
+        dpl: ((s.ar >> 5) & 3) as u8,
+        present: bit(7),
+        avl: bit(12),
+        l: bit(13),
+        db: bit(14),
+        g: bit(15),
+        unusable: bit(16),
+        padding: 0,
+    }
+}
+
+/// GPRs in KVM's order <-> the VMX register numbering.
+pub fn gprs_from_kvm(r: &kvm_regs) -> Gprs {
+    Gprs {
+        regs: [
+            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15,
+        ],
+    }
+}
+
+/// Builds `kvm_regs` from the record.
+pub fn regs_to_kvm(s: &VcpuState) -> kvm_regs {
+    let g = &s.gprs.regs;
+    kvm_regs {
+        rax: g[0],
+        rcx: g[1],
+        rdx: g[2],
+        rbx: g[3],
+        rsp: g[4],
+        rbp: g[5],
+        rsi: g[6],
+        rdi: g[7],
+        r8: g[8],
+        r9: g[9],
+        r10: g[10],
+        r11: g[11],
+        r12: g[12],
+        r13: g[13],
+        r14: g[14],
+        r15: g[15],
+        rip: s.rip,
+        rflags: s.rflags,
+    }
+}
+
+/// Builds `kvm_sregs` from the record, keeping the fields VcpuState does
+/// not model (APIC base, pending-interrupt bitmap) from `base`.
+pub fn sregs_to_kvm(s: &VcpuState, base: &kvm_sregs) -> kvm_sregs {
+    let dt = |d: &DescriptorTable| kvm_dtable {
+        base: d.base,
+        limit: d.limit,
+        padding: [0; 3],
+    };
+    kvm_sregs {
+        cs: segment_to_kvm(&s.cs),
+        ds: segment_to_kvm(&s.ds),
+        es: segment_to_kvm(&s.es),
+        fs: segment_to_kvm(&s.fs),
+        gs: segment_to_kvm(&s.gs),
+        ss: segment_to_kvm(&s.ss),
+        tr: segment_to_kvm(&s.tr),
+        ldt: segment_to_kvm(&s.ldtr),
+        gdt: dt(&s.gdtr),
+        idt: dt(&s.idtr),
+        cr0: s.cr0,
+        cr2: s.cr2,
+        cr3: s.cr3,
+        cr4: s.cr4,
+        cr8: s.cr8,
+        efer: s.msrs.efer,
+        apic_base: base.apic_base,
+        interrupt_bitmap: base.interrupt_bitmap,
+    }
+}
+
+/// Builds the record from KVM's structures.
+pub fn state_from_kvm(
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+    events: &kvm_vcpu_events,
+    msrs: &VmxMsrs,
+    dr: &kvm_debugregs,
+) -> VcpuState {
+    let dt = |d: &kvm_dtable| DescriptorTable {
+        base: d.base,
+        limit: d.limit,
+    };
+    let (interruptibility, pending_event) = events_to_vmx(events);
+    VcpuState {
+        gprs: gprs_from_kvm(regs),
+        rip: regs.rip,
+        rflags: regs.rflags,
+        cr0: sregs.cr0,
+        cr2: sregs.cr2,
+        cr3: sregs.cr3,
+        cr4: sregs.cr4,
+        cr8: sregs.cr8,
+        dr0_3: dr.db,
+        dr6: dr.dr6,
+        dr7: dr.dr7,
+        es: segment_from_kvm(&sregs.es),
+        cs: segment_from_kvm(&sregs.cs),
+        ss: segment_from_kvm(&sregs.ss),
+        ds: segment_from_kvm(&sregs.ds),
+        fs: segment_from_kvm(&sregs.fs),
+        gs: segment_from_kvm(&sregs.gs),
+        ldtr: segment_from_kvm(&sregs.ldt),
+        tr: segment_from_kvm(&sregs.tr),
+        gdtr: dt(&sregs.gdt),
+        idtr: dt(&sregs.idt),
+        msrs: VmxMsrs {
+            efer: sregs.efer,
+            ..*msrs
+        },
+        interruptibility,
+        activity: 0,
+        pending_dbg_exceptions: 0,
+        pending_event,
+    }
+}
+
+/// KVM events -> VMX interruptibility state and the pending event.
+pub fn events_to_vmx(e: &kvm_vcpu_events) -> (u32, Option<PendingEvent>) {
+    let mut intr = 0;
+    if u32::from(e.interrupt.shadow) & KVM_X86_SHADOW_INT_STI != 0 {
+        intr |= INTERRUPTIBILITY_STI;
+    }
+    if u32::from(e.interrupt.shadow) & KVM_X86_SHADOW_INT_MOV_SS != 0 {
+        intr |= INTERRUPTIBILITY_MOV_SS;
+    }
+    if e.nmi.masked != 0 {
+        intr |= INTERRUPTIBILITY_NMI;
+    }
+    let ev = if e.exception.injected != 0 || e.exception.pending != 0 {
+        let code = if e.exception.has_error_code != 0 {
+            INTR_INFO_DELIVER_CODE
+        } else {
+            0
+        };
+        Some(PendingEvent {
+            info: u32::from(e.exception.nr)
+                | INTR_TYPE_HARD_EXCEPTION << 8
+                | code
+                | INTR_INFO_VALID,
+            error_code: e.exception.error_code,
+            instruction_len: 0,
+        })
+    } else if e.nmi.injected != 0 {
+        Some(PendingEvent {
+            info: 2 | INTR_TYPE_NMI << 8 | INTR_INFO_VALID,
+            error_code: 0,
+            instruction_len: 0,
+        })
+    } else if e.interrupt.injected != 0 {
+        let ty = if e.interrupt.soft != 0 {
+            INTR_TYPE_SOFT_INTR
+        } else {
+            INTR_TYPE_EXT_INTR
+        };
+        Some(PendingEvent {
+            info: u32::from(e.interrupt.nr) | ty << 8 | INTR_INFO_VALID,
+            error_code: 0,
+            instruction_len: 0,
+        })
+    } else {
+        None
+    };
+    (intr, ev)
+}
+
+/// VMX interruptibility state and pending event -> KVM events, keeping the
+/// fields VMX does not model (SMM, SIPI, pending NMI) from `base`.
+pub fn events_from_vmx(
+    interruptibility: u32,
+    ev: Option<&PendingEvent>,
+    base: &kvm_vcpu_events,
+) -> kvm_vcpu_events {
+    let mut e = *base;
+    e.flags &= !KVM_VCPUEVENT_VALID_PAYLOAD;
+    e.exception_has_payload = 0;
+    e.exception_payload = 0;
+    let mut shadow = 0u32;
+    if interruptibility & INTERRUPTIBILITY_STI != 0 {
+        shadow |= KVM_X86_SHADOW_INT_STI;
+    }
+    if interruptibility & INTERRUPTIBILITY_MOV_SS != 0 {
+        shadow |= KVM_X86_SHADOW_INT_MOV_SS;
+    }
+    e.interrupt.shadow = shadow as u8;
+    e.nmi.masked = u8::from(interruptibility & INTERRUPTIBILITY_NMI != 0);
+    e.exception.injected = 0;
+    e.exception.pending = 0;
+    e.exception.nr = 0;
+    e.exception.has_error_code = 0;
+    e.exception.error_code = 0;
+    e.interrupt.injected = 0;
+    e.interrupt.nr = 0;
+    e.interrupt.soft = 0;
+    e.nmi.injected = 0;
+    if let Some(p) = ev.filter(|p| p.info & INTR_INFO_VALID != 0) {
+        let vector = (p.info & 0xff) as u8;
+        match (p.info >> 8) & 7 {
+            INTR_TYPE_NMI => e.nmi.injected = 1,
+            INTR_TYPE_EXT_INTR => {
+                e.interrupt.injected = 1;
+                e.interrupt.nr = vector;
+            }
+            INTR_TYPE_SOFT_INTR => {
+                e.interrupt.injected = 1;
+                e.interrupt.nr = vector;
+                e.interrupt.soft = 1;
+            }
+            // Hardware, software and privileged software exceptions.
+            _ => {
+                e.exception.injected = 1;
+                e.exception.nr = vector;
+                e.exception.has_error_code = u8::from(p.info & INTR_INFO_DELIVER_CODE != 0);
+                e.exception.error_code = p.error_code;
+            }
+        }
+    }
+    e
+}
+
+/// The MSRs to write when the caller changed `want` relative to the copy
+/// `given` it was handed: changed fields from `want`, the others from
+/// KVM's current values `real`.
+pub fn merge_msrs(given: &VmxMsrs, want: &VmxMsrs, real: &VmxMsrs) -> VmxMsrs {
+    fn pick<T: PartialEq + Copy>(g: T, w: T, r: T) -> T {
+        if w == g {
+            r
+        } else {
+            w
+        }
+    }
+    VmxMsrs {
+        efer: want.efer,
+        pat: pick(given.pat, want.pat, real.pat),
+        debugctl: pick(given.debugctl, want.debugctl, real.debugctl),
+        sysenter_cs: pick(given.sysenter_cs, want.sysenter_cs, real.sysenter_cs),
+        sysenter_esp: pick(given.sysenter_esp, want.sysenter_esp, real.sysenter_esp),
+        sysenter_eip: pick(given.sysenter_eip, want.sysenter_eip, real.sysenter_eip),
+        kernel_gs_base: pick(
+            given.kernel_gs_base,
+            want.kernel_gs_base,
+            real.kernel_gs_base,
+        ),
+        // Not kept in KVM MSRs by this backend: the caller's values.
+        ..*want
+    }
+}
+
+/// Whether two event records agree on everything `events_from_vmx` sets.
+fn events_equal(a: &kvm_vcpu_events, b: &kvm_vcpu_events) -> bool {
+    a.interrupt.shadow == b.interrupt.shadow
+        && a.nmi.masked == b.nmi.masked
+        && a.nmi.injected == b.nmi.injected
+        && a.exception.injected == b.exception.injected
+        && a.exception.pending == b.exception.pending
+        && a.exception.nr == b.exception.nr
+        && a.exception.has_error_code == b.exception.has_error_code
+        && a.exception.error_code == b.exception.error_code
+        && a.interrupt.injected == b.interrupt.injected
+        && a.interrupt.nr == b.interrupt.nr
+        && a.interrupt.soft == b.interrupt.soft
+}
+
+impl Vcpu for KvmVcpu {
+    type Error = KvmError;
+
+    fn run(&mut self) -> Result<VmExit, KvmError> {
+        if self.immediate_exit {
+            // The caller takes the last exit over and only wants pending
+            // completions applied: queued string-I/O elements are dropped.
+            self.out_queue.clear();
+            if let Pending::IoIn { count, .. } = &mut self.pending {
+                *count = 0;
+            }
+        }
+        if let Some(e) = self.out_queue.pop_front() {
+            return Ok(e);
+        }
+        if let Pending::IoIn { count, next, .. } = self.pending {
+            if next > 0 && next < count {
+                // More elements of a string IN (`rep ins`) to answer.
+                return Ok(self.io_in_exit_again());
+            }
+        }
+        self.pending = Pending::None;
+        self.counters.bump_run();
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.events = self.fd.sync_regs().events;
+                return Ok(VmExit::Interrupted);
+            }
+            Err(e) => return Err(KvmError::Run(e)),
+        };
+        let mut pending = Pending::None;
+        let mut out_bytes = None;
+        let owned = match exit {
+            VcpuExit::IoOut(_, data) => {
+                out_bytes = Some(data.to_vec());
+                None
+            }
+            VcpuExit::IoIn(..) => None,
+            VcpuExit::MmioRead(gpa, data) => {
+                pending = Pending::MmioRead { len: data.len() };
+                Some(VmExit::MmioRead {
+                    gpa,
+                    len: data.len() as u8,
+                })
+            }
+            VcpuExit::MmioWrite(gpa, data) => Some(VmExit::MmioWrite {
+                gpa,
+                data: data.to_vec(),
+            }),
+            VcpuExit::Hlt => Some(VmExit::Hlt),
+            VcpuExit::Shutdown => Some(VmExit::Shutdown),
+            VcpuExit::InternalError => None,
+            VcpuExit::X86Rdmsr(m) => {
+                pending = Pending::RdMsr;
+                Some(VmExit::RdMsr { index: m.index })
+            }
+            VcpuExit::X86Wrmsr(m) => {
+                pending = Pending::WrMsr;
+                Some(VmExit::WrMsr {
+                    index: m.index,
+                    data: m.data,
+                })
+            }
+            VcpuExit::Debug(arch) => Some(VmExit::Debug {
+                pc: arch.pc,
+                dr6: arch.dr6,
+            }),
+            VcpuExit::IrqWindowOpen => Some(VmExit::IrqWindowOpen),
+            VcpuExit::Intr => Some(VmExit::Interrupted),
+            VcpuExit::FailEntry(reason, _cpu) => Some(VmExit::FailEntry { reason }),
+            VcpuExit::MemoryFault { .. } => Some(VmExit::Unsupported(KVM_EXIT_MEMORY_FAULT)),
+            _ => None,
+        };
+        self.events = self.fd.sync_regs().events;
+        let exit_reason = self.fd.get_kvm_run().exit_reason;
+        let owned = match owned {
+            Some(e) => e,
+            None if exit_reason == KVM_EXIT_IO => {
+                let run = self.fd.get_kvm_run();
+                // SAFETY: exit_reason is KVM_EXIT_IO, so `io` is the valid
+                // union member (a plain integer struct).
+                let io = unsafe { run.__bindgen_anon_1.io };
+                let size = usize::from(io.size).clamp(1, 4);
+                match out_bytes {
+                    Some(bytes) => {
+                        // A string OUT (`rep outs`) carries `count` elements:
+                        // deliver them one per run() call, in order.
+                        let mut it = bytes.chunks(size).map(|c| VmExit::IoOut {
+                            port: io.port,
+                            size: c.len() as u8,
+                            data: le_u32(c),
+                        });
+                        let first = it.next().unwrap_or(VmExit::IoOut {
+                            port: io.port,
+                            size: io.size,
+                            data: 0,
+                        });
+                        self.out_queue.extend(it);
+                        first
+                    }
+                    None => {
+                        pending = Pending::IoIn {
+                            data_offset: io.data_offset as usize,
+                            size,
+                            count: io.count as usize,
+                            next: 0,
+                        };
+                        VmExit::IoIn {
+                            port: io.port,
+                            size: io.size,
+                        }
+                    }
+                }
+            }
+            None if exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR => {
+                self.internal_error_exit()
+            }
+            None => VmExit::Unsupported(exit_reason),
+        };
+        self.pending = pending;
+        Ok(owned)
+    }
+
+    fn get_state(&mut self) -> Result<VcpuState, KvmError> {
+        if self.policy.msrs {
+            self.msrs = self.read_msrs()?;
+        }
+        if self.policy.debugregs {
+            self.debugregs = self.read_debugregs()?;
+        }
+        let s = self.fd.sync_regs();
+        Ok(state_from_kvm(
+            &s.regs,
+            &s.sregs,
+            &self.events,
+            &self.msrs,
+            &self.debugregs,
+        ))
+    }
+
+    fn set_state(&mut self, state: &VcpuState) -> Result<(), KvmError> {
+        let cur = self.fd.sync_regs();
+        let regs = regs_to_kvm(state);
+        let sregs = sregs_to_kvm(state, &cur.sregs);
+        let regs_dirty = regs != cur.regs;
+        let sregs_dirty = sregs != cur.sregs;
+        let msrs = VmxMsrs {
+            efer: self.msrs.efer,
+            ..state.msrs
+        };
+        if msrs != self.msrs {
+            let msrs = if self.policy.msrs {
+                msrs
+            } else {
+                let real = self.read_msrs()?;
+                merge_msrs(&self.msrs, &msrs, &real)
+            };
+            self.write_msrs(&msrs)?;
+            self.msrs = msrs;
+        }
+        self.msrs.efer = state.msrs.efer;
+        let mut dr = kvm_debugregs {
+            db: state.dr0_3,
+            dr6: state.dr6,
+            dr7: state.dr7,
+            ..self.debugregs
+        };
+        if dr != self.debugregs {
+            if !self.policy.debugregs {
+                let real = self.read_debugregs()?;
+                let pick =
+                    |given: u64, want: u64, real: u64| if want == given { real } else { want };
+                for i in 0..4 {
+                    dr.db[i] = pick(self.debugregs.db[i], dr.db[i], real.db[i]);
+                }
+                dr.dr6 = pick(self.debugregs.dr6, dr.dr6, real.dr6);
+                dr.dr7 = pick(self.debugregs.dr7, dr.dr7, real.dr7);
+            }
+            self.counters.bump_other();
+            self.fd
+                .set_debug_regs(&dr)
+                .map_err(KvmError::SetDebugRegs)?;
+            self.debugregs = dr;
+        }
+        let ev = events_from_vmx(
+            state.interruptibility,
+            state.pending_event.as_ref(),
+            &self.events,
+        );
+        if !events_equal(&ev, &self.events) {
+            self.counters.bump_other();
+            self.fd.set_vcpu_events(&ev).map_err(KvmError::SetEvents)?;
+            self.events = ev;
+        }
+        let s = self.fd.sync_regs_mut();
+        if regs_dirty {
+            s.regs = regs;
+        }
+        if sregs_dirty {
+            s.sregs = sregs;
+        }
+        if regs_dirty {
+            self.fd.set_sync_dirty_reg(SyncReg::Register);
+        }
+        if sregs_dirty {
+            self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+        }
+        Ok(())
+    }
+
+    fn complete_io_in(&mut self, data: u32) {
+        let Pending::IoIn {
+            data_offset,
+            size,
+            count,
+            next,
+        } = self.pending
+        else {
+            tracing::warn!("complete_io_in without a pending IN exit: ignored");
+            return;
+        };
+        let bytes = data.to_le_bytes();
+        let n = size.min(bytes.len());
+        let off = data_offset.saturating_add(next.saturating_mul(size));
+        let run_size = self.run_size;
+        let base = (self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run).cast::<u8>();
+        if next < count && off.saturating_add(n) <= run_size {
+            // SAFETY: KVM_EXIT_IO described `count * size` bytes at
+            // `data_offset` inside the kvm_run mapping of `run_size` bytes;
+            // the destination [off, off + n) was checked against that size.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), base.add(off), n) };
+        } else {
+            tracing::warn!("IN completion outside the kvm_run I/O area: ignored");
+        }
+        self.pending = Pending::IoIn {
+            data_offset,
+            size,
+            count,
+            next: next + 1,
+        };
+    }
+
+    fn complete_mmio_read(&mut self, data: &[u8]) {
+        let Pending::MmioRead { len } = self.pending else {
+            tracing::warn!("complete_mmio_read without a pending MMIO read: ignored");
+            return;
+        };
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the pending state says the last exit was KVM_EXIT_MMIO
+        // (a read), so `mmio` is the valid union member.
+        let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+        let n = len.min(data.len()).min(mmio.data.len());
+        mmio.data[..n].copy_from_slice(&data[..n]);
+        self.pending = Pending::None;
+    }
+
+    fn complete_rdmsr(&mut self, value: Option<u64>) {
+        if self.pending != Pending::RdMsr {
+            tracing::warn!("complete_rdmsr without a pending RDMSR exit: ignored");
+            return;
+        }
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the pending state says the last exit was
+        // KVM_EXIT_X86_RDMSR, so `msr` is the valid union member.
+        let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+        match value {
+            Some(v) => {
+                msr.data = v;
+                msr.error = 0;
+            }
+            None => msr.error = 1,
+        }
+        self.pending = Pending::None;
+    }
+
+    fn complete_wrmsr(&mut self, ok: bool) {
+        if self.pending != Pending::WrMsr {
+            tracing::warn!("complete_wrmsr without a pending WRMSR exit: ignored");
+            return;
+        }
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the pending state says the last exit was
+        // KVM_EXIT_X86_WRMSR, so `msr` is the valid union member.
+        let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+        msr.error = u8::from(!ok);
+        self.pending = Pending::None;
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), KvmError> {
+        let mut e = self.events;
+        e.flags &= !KVM_VCPUEVENT_VALID_PAYLOAD;
+        e.exception.injected = 1;
+        e.exception.pending = 0;
+        e.exception.nr = vector;
+        e.exception.has_error_code = u8::from(error_code.is_some());
+        e.exception.error_code = error_code.unwrap_or(0);
+        self.counters.bump_other();
+        self.fd.set_vcpu_events(&e).map_err(KvmError::SetEvents)?;
+        self.events = e;
+        Ok(())
+    }
+
+    fn counters(&self) -> IoctlCounters {
+        self.counters.get()
+    }
+}
+
+impl KvmVcpu {
+    fn io_in_exit_again(&mut self) -> VmExit {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: a pending string IN means the last KVM exit was
+        // KVM_EXIT_IO, so `io` is still the valid union member.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        VmExit::IoIn {
+            port: io.port,
+            size: io.size,
+        }
+    }
+}
+
+/// Little-endian value of up to four bytes.
+fn le_u32(b: &[u8]) -> u32 {
+    let mut v = [0u8; 4];
+    let n = b.len().min(4);
+    v[..n].copy_from_slice(&b[..n]);
+    u32::from_le_bytes(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::{images::elf64, load_kernel};
+    use crate::memory::RamView;
+    use crate::test_support::kvm_or_skip;
+    use vmcs12::GuestPhysMemory;
+
+    const CODE: u64 = 0x20_0000;
+
+    /// RAM of 16 MiB with `code` loaded as an ELF64 kernel at 2 MiB, and a
+    /// vCPU of a VM with `role` sitting at its entry in 64-bit mode.
+    fn guest(ram: &Arc<GuestRam>, role: VmRole, code: &[u8]) -> (KvmVm, KvmVcpu) {
+        let k = load_kernel(ram, &elf64(CODE, code, 0), "").unwrap();
+        let vm = match role {
+            VmRole::L1 => KvmVm::new_l1(ram.clone(), &VmxCapabilities::default()).unwrap(),
+            VmRole::L2 => KvmVm::new_l2(ram.clone()).unwrap(),
+        };
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let base = vcpu.get_state().unwrap();
+        vcpu.set_state(&k.entry_state(&base)).unwrap();
+        (vm, vcpu)
+    }
+
+    fn ram() -> Arc<GuestRam> {
+        Arc::new(GuestRam::new(16 << 20).unwrap())
+    }
+
+    #[test]
+    fn test_segment_conversion_round_trips() {
+        for ar in [0xa09bu32, 0xc093, 0x8b, 0x1_0082, 0x1_0000, 0xf0ff] {
+            let s = Segment {
+                selector: 0x10,
+                base: 0x1234_5678,
+                limit: 0xfffff,
+                ar: ar & 0x1_f0ff,
+            };
+            assert_eq!(segment_from_kvm(&segment_to_kvm(&s)), s);
+        }
+        let k = kvm_segment {
+            type_: 0xb,
+            present: 1,
+            s: 1,
+            l: 1,
+            g: 1,
+            ..Default::default()
+        };
+        assert_eq!(segment_from_kvm(&k).ar, 0xa09b);
+        let unusable = kvm_segment {
+            unusable: 1,
+            ..Default::default()
+        };
+        assert!(segment_from_kvm(&unusable).unusable());
+        assert!(!segment_from_kvm(&k).unusable());
+    }
+
+    #[test]
+    fn test_events_conversion_round_trips() {
+        let base = kvm_vcpu_events::default();
+        let cases = [
+            (0u32, None),
+            (INTERRUPTIBILITY_STI, None),
+            (INTERRUPTIBILITY_MOV_SS | INTERRUPTIBILITY_NMI, None),
+            (
+                0,
+                Some(PendingEvent {
+                    info: 13 | 3 << 8 | INTR_INFO_DELIVER_CODE | INTR_INFO_VALID,
+                    error_code: 0x18,
+                    instruction_len: 0,
+                }),
+            ),
+            (
+                0,
+                Some(PendingEvent {
+                    info: 0x20 | INTR_INFO_VALID,
+                    error_code: 0,
+                    instruction_len: 0,
+                }),
+            ),
+            (
+                0,
+                Some(PendingEvent {
+                    info: 2 | 2 << 8 | INTR_INFO_VALID,
+                    error_code: 0,
+                    instruction_len: 0,
+                }),
+            ),
+        ];
+        for (intr, ev) in cases {
+            let e = events_from_vmx(intr, ev.as_ref(), &base);
+            assert_eq!(events_to_vmx(&e), (intr, ev));
+        }
+        // An invalid (bit 31 clear) event is no event.
+        let e = events_from_vmx(
+            0,
+            Some(&PendingEvent {
+                info: 13 | 3 << 8,
+                error_code: 0,
+                instruction_len: 0,
+            }),
+            &base,
+        );
+        assert_eq!(events_to_vmx(&e), (0, None));
+    }
+
+    #[test]
+    fn test_regs_conversion_uses_vmx_register_numbering() {
+        let mut s = VcpuState::default();
+        for i in 0..16 {
+            s.gprs.regs[i] = 0x100 + i as u64;
+        }
+        let r = regs_to_kvm(&s);
+        assert_eq!((r.rax, r.rcx, r.rdx, r.rbx), (0x100, 0x101, 0x102, 0x103));
+        assert_eq!((r.rsp, r.rbp, r.rsi, r.rdi), (0x104, 0x105, 0x106, 0x107));
+        assert_eq!(r.r15, 0x10f);
+        assert_eq!(gprs_from_kvm(&r), s.gprs);
+    }
+
+    #[test]
+    fn test_kvm_vmx_instruction_is_an_emulation_failure_at_rip() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let ram = ram();
+        // nop; vmxoff
+        let (_vm, mut vcpu) = guest(&ram, VmRole::L1, &[0x90, 0x0f, 0x01, 0xc4, 0xf4]);
+        let exit = vcpu.run().unwrap();
+        assert!(
+            matches!(exit, VmExit::EmulationFailure { .. }),
+            "expected an emulation failure, got {exit:?}"
+        );
+        if let VmExit::EmulationFailure { insn_bytes } = &exit {
+            eprintln!("emulation failure bytes reported by KVM: {insn_bytes:02x?}");
+            if !insn_bytes.is_empty() {
+                assert_eq!(&insn_bytes[..3], &[0x0f, 0x01, 0xc4]);
+            }
+        }
+        assert_eq!(vcpu.get_state().unwrap().rip, CODE + 1);
+        // Skipping it by writing RIP continues the guest.
+        let mut s = vcpu.get_state().unwrap();
+        s.rip += 3;
+        vcpu.set_state(&s).unwrap();
+        assert_eq!(vcpu.run().unwrap(), VmExit::Hlt);
+    }
+
+    #[test]
+    fn test_kvm_out_exits_with_rip_after_and_in_is_completed() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let ram = ram();
+        // mov al, 0x41; out 0xe9, al; in al, 0xe9; out 0xe9, al; hlt
+        let code = [0xb0, 0x41, 0xe6, 0xe9, 0xe4, 0xe9, 0xe6, 0xe9, 0xf4];
+        let (_vm, mut vcpu) = guest(&ram, VmRole::L1, &code);
+        assert_eq!(
+            vcpu.run().unwrap(),
+            VmExit::IoOut {
+                port: 0xe9,
+                size: 1,
+                data: 0x41
+            }
+        );
+        assert_eq!(vcpu.get_state().unwrap().rip, CODE + 4);
+        assert_eq!(
+            vcpu.run().unwrap(),
+            VmExit::IoIn {
+                port: 0xe9,
+                size: 1
+            }
+        );
+        assert_eq!(
+            vcpu.get_state().unwrap().rip,
+            CODE + 4,
+            "IN: RIP at the instruction"
+        );
+        vcpu.complete_io_in(0x77);
+        assert_eq!(
+            vcpu.run().unwrap(),
+            VmExit::IoOut {
+                port: 0xe9,
+                size: 1,
+                data: 0x77
+            }
+        );
+        assert_eq!(vcpu.run().unwrap(), VmExit::Hlt);
+        let c = vcpu.counters();
+        assert_eq!(c.kvm_run, 4);
+    }
+
+    #[test]
+    fn test_kvm_two_vms_share_memory() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let ram = ram();
+        // VM 1: mov byte [0x300000], 0x5a; hlt
+        let (_vm1, mut v1) = guest(
+            &ram,
+            VmRole::L1,
+            &[0xc6, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00, 0x5a, 0xf4],
+        );
+        assert_eq!(v1.run().unwrap(), VmExit::Hlt);
+        assert_eq!(RamView(&ram).read_u32(0x30_0000), Ok(0x5a));
+        // VM 2 (same RAM, loaded again at the same place): read it back.
+        // mov al, [0x300000]; out 0xe9, al; hlt
+        let (_vm2, mut v2) = guest(
+            &ram,
+            VmRole::L2,
+            &[0x8a, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00, 0xe6, 0xe9, 0xf4],
+        );
+        assert_eq!(
+            v2.run().unwrap(),
+            VmExit::IoOut {
+                port: 0xe9,
+                size: 1,
+                data: 0x5a
+            }
+        );
+    }
+
+    #[test]
+    fn test_kvm_sync_regs_round_trip_without_ioctls() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let ram = ram();
+        // add rax, rbx; hlt
+        let (_vm, mut vcpu) = guest(&ram, VmRole::L1, &[0x48, 0x01, 0xd8, 0xf4]);
+        vcpu.set_sync_policy(SyncPolicy {
+            msrs: false,
+            debugregs: false,
+        });
+        let mut s = vcpu.get_state().unwrap();
+        s.gprs.regs[0] = 40;
+        s.gprs.regs[3] = 2;
+        s.gprs.regs[15] = 0xdead_beef;
+        s.cr2 = 0x1234_5000;
+        let before = vcpu.counters();
+        vcpu.set_state(&s).unwrap();
+        assert_eq!(vcpu.run().unwrap(), VmExit::Hlt);
+        let after = vcpu.get_state().unwrap();
+        assert_eq!(
+            vcpu.counters().other,
+            before.other,
+            "no ioctl besides KVM_RUN"
+        );
+        assert_eq!(after.gprs.regs[0], 42);
+        assert_eq!(after.gprs.regs[15], 0xdead_beef);
+        assert_eq!(after.cr2, 0x1234_5000, "sregs went through sync regs");
+        assert_eq!(after.rip, CODE + 4);
+        assert_eq!(after.cs, s.cs);
+        assert_eq!(after.tr, s.tr);
+        assert_eq!(after.msrs.efer, s.msrs.efer);
+        // An unchanged state costs nothing either.
+        vcpu.set_state(&after).unwrap();
+        assert_eq!(vcpu.counters().other, before.other);
+    }
+
+    #[test]
+    fn test_kvm_msrs_and_debugregs_round_trip() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let ram = ram();
+        let (_vm, mut vcpu) = guest(&ram, VmRole::L1, &[0xf4]);
+        let mut s = vcpu.get_state().unwrap();
+        s.msrs.sysenter_cs = 0x10;
+        s.msrs.sysenter_eip = 0xffff_8000_0000_1000;
+        s.msrs.pat = 0x0007_0406_0007_0406;
+        s.dr0_3[1] = 0x5000;
+        s.dr7 = 0x400 | (1 << 2);
+        vcpu.set_state(&s).unwrap();
+        let back = vcpu.get_state().unwrap();
+        assert_eq!(back.msrs.sysenter_cs, 0x10);
+        assert_eq!(back.msrs.sysenter_eip, 0xffff_8000_0000_1000);
+        assert_eq!(back.msrs.pat, 0x0007_0406_0007_0406);
+        assert_eq!(back.dr0_3[1], 0x5000);
+        assert_eq!(back.dr7 & 0xff, 1 << 2);
+    }
+
+    #[test]
+    fn test_kvm_msr_filter_exits_for_vmx_msrs() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let ram = ram();
+        // mov ecx, 0x480; rdmsr; mov dx, 0xe9; out dx, eax; wrmsr; hlt
+        let code = [
+            0xb9, 0x80, 0x04, 0x00, 0x00, 0x0f, 0x32, 0x66, 0xba, 0xe9, 0x00, 0xef, 0x0f, 0x30,
+            0xf4,
+        ];
+        let (_vm, mut vcpu) = guest(&ram, VmRole::L1, &code);
+        assert_eq!(vcpu.run().unwrap(), VmExit::RdMsr { index: 0x480 });
+        vcpu.complete_rdmsr(Some(0x1122_3344_5566_7788));
+        assert_eq!(
+            vcpu.run().unwrap(),
+            VmExit::IoOut {
+                port: 0xe9,
+                size: 4,
+                data: 0x5566_7788
+            }
+        );
+        assert_eq!(
+            vcpu.run().unwrap(),
+            VmExit::WrMsr {
+                index: 0x480,
+                // DX was overwritten by `mov dx, 0xe9`.
+                data: 0x1122_00e9_5566_7788
+            }
+        );
+        // Refusing it raises #GP; with no IDT that ends in a triple fault.
+        vcpu.complete_wrmsr(false);
+        assert_eq!(vcpu.run().unwrap(), VmExit::Shutdown);
+    }
+
+    #[test]
+    fn test_kvm_msrs_outside_the_filter_do_not_exit() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let ram = ram();
+        // mov ecx, 0x277 (PAT); rdmsr; hlt
+        let (_vm, mut vcpu) = guest(
+            &ram,
+            VmRole::L1,
+            &[0xb9, 0x77, 0x02, 0, 0, 0x0f, 0x32, 0xf4],
+        );
+        assert_eq!(vcpu.run().unwrap(), VmExit::Hlt);
+        // The L2 VM with the deny-all filter: the same read exits.
+        let (vm2, mut v2) = guest(
+            &ram,
+            VmRole::L2,
+            &[0xb9, 0x77, 0x02, 0, 0, 0x0f, 0x32, 0xf4],
+        );
+        vm2.filter_all_msrs().unwrap();
+        assert_eq!(v2.run().unwrap(), VmExit::RdMsr { index: 0x277 });
+        v2.complete_rdmsr(Some(7));
+        assert_eq!(v2.run().unwrap(), VmExit::Hlt);
+        assert_eq!(v2.get_state().unwrap().gprs.regs[0], 7);
+    }
+
+    #[test]
+    fn test_kvm_injected_exception_reaches_the_guest() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let ram = ram();
+        // Guest: hlt at CODE; its #GP handler (IDT vector 13) at CODE+0x10
+        // does `out 0xe9, al` then hlt.
+        let mut code = vec![0xf4; 0x20];
+        code[0x10..0x14].copy_from_slice(&[0xb0, 0x0d, 0xe6, 0xe9]);
+        let (_vm, mut vcpu) = guest(&ram, VmRole::L1, &code);
+        // 64-bit interrupt gate for vector 13 in an IDT at 0x1_0000.
+        let idt = 0x1_0000u64;
+        let h = CODE + 0x10;
+        let lo = (h & 0xffff)
+            | (u64::from(crate::loader::SEL_CODE64) << 16)
+            | (0x8e << 40)
+            | ((h >> 16) & 0xffff) << 48;
+        let mut m = RamView(&ram);
+        m.write_u64(idt + 13 * 16, lo).unwrap();
+        m.write_u64(idt + 13 * 16 + 8, h >> 32).unwrap();
+        let mut s = vcpu.get_state().unwrap();
+        s.idtr = DescriptorTable {
+            base: idt,
+            limit: 0xfff,
+        };
+        vcpu.set_state(&s).unwrap();
+        vcpu.inject_exception(13, Some(0)).unwrap();
+        assert_eq!(
+            vcpu.run().unwrap(),
+            VmExit::IoOut {
+                port: 0xe9,
+                size: 1,
+                data: 13
+            }
+        );
+    }
+
+    #[test]
+    fn test_kvm_string_io_is_delivered_element_by_element() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let ram = ram();
+        // mov esi, 0x200100; mov ecx, 3; mov dx, 0xe9; rep outsb;
+        // mov edi, 0x200200; mov ecx, 2; rep insb; hlt
+        let mut code = vec![
+            0xbe, 0x00, 0x01, 0x20, 0x00, 0xb9, 0x03, 0x00, 0x00, 0x00, 0x66, 0xba, 0xe9, 0x00,
+            0xf3, 0x6e, 0xbf, 0x00, 0x02, 0x20, 0x00, 0xb9, 0x02, 0x00, 0x00, 0x00, 0xf3, 0x6c,
+            0xf4,
+        ];
+        code.resize(0x100, 0);
+        code.extend_from_slice(b"abc");
+        code.resize(0x210, 0);
+        let (_vm, mut vcpu) = guest(&ram, VmRole::L1, &code);
+        let mut out = Vec::new();
+        let mut ins = 0u8;
+        loop {
+            match vcpu.run().unwrap() {
+                VmExit::IoOut {
+                    port: 0xe9,
+                    size: 1,
+                    data,
+                } => out.push(data as u8),
+                VmExit::IoIn {
+                    port: 0xe9,
+                    size: 1,
+                } => {
+                    ins += 1;
+                    vcpu.complete_io_in(u32::from(0x10 * ins));
+                }
+                VmExit::Hlt => break,
+                e => panic!("unexpected exit {e:?}"),
+            }
+        }
+        assert_eq!(out, b"abc");
+        assert_eq!(ins, 2);
+        let mut b = [0u8; 2];
+        ram.read_bytes(0x20_0200, &mut b).unwrap();
+        assert_eq!(b, [0x10, 0x20]);
+    }
+
+    #[test]
+    fn test_merge_msrs_keeps_untouched_fields_from_kvm() {
+        let given = VmxMsrs {
+            pat: 1,
+            sysenter_cs: 2,
+            ..Default::default()
+        };
+        let want = VmxMsrs {
+            sysenter_cs: 9,
+            ..given
+        };
+        let real = VmxMsrs {
+            pat: 5,
+            sysenter_cs: 6,
+            kernel_gs_base: 7,
+            ..Default::default()
+        };
+        let m = merge_msrs(&given, &want, &real);
+        assert_eq!((m.pat, m.sysenter_cs, m.kernel_gs_base), (5, 9, 7));
+    }
+
+    #[test]
+    fn test_kvm_lazy_msr_policy_never_writes_stale_values() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let ram = ram();
+        // mov ecx, 0x174 (SYSENTER_CS); mov eax, 0x33; xor edx, edx; wrmsr; hlt
+        let code = [
+            0xb9, 0x74, 0x01, 0, 0, 0xb8, 0x33, 0, 0, 0, 0x31, 0xd2, 0x0f, 0x30, 0xf4,
+        ];
+        let (_vm, mut vcpu) = guest(&ram, VmRole::L1, &code);
+        vcpu.set_sync_policy(SyncPolicy {
+            msrs: false,
+            debugregs: false,
+        });
+        assert_eq!(vcpu.run().unwrap(), VmExit::Hlt);
+        let mut s = vcpu.get_state().unwrap();
+        assert_ne!(
+            s.msrs.sysenter_cs, 0x33,
+            "lazy: the guest's WRMSR is not seen"
+        );
+        s.msrs.sysenter_eip = 0x1234;
+        vcpu.set_state(&s).unwrap();
+        vcpu.set_sync_policy(SyncPolicy::default());
+        let exact = vcpu.get_state().unwrap();
+        assert_eq!(exact.msrs.sysenter_cs, 0x33, "the guest's value survives");
+        assert_eq!(exact.msrs.sysenter_eip, 0x1234);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn test_segment_round_trip_matches_reference(
+            sel: u16, base: u64, limit: u32, ar in 0u32..0x2_0000
+        ) {
+            // Reference: the VMCS AR bits KVM's segment can hold (type, S,
+            // DPL, P, AVL, L, D/B, G, unusable); bits 11:8 are reserved.
+            let s = Segment { selector: sel, base, limit, ar };
+            let back = segment_from_kvm(&segment_to_kvm(&s));
+            proptest::prop_assert_eq!(back, Segment { ar: ar & 0x1_f0ff, ..s });
+        }
+    }
+
+    #[test]
+    fn test_kvm_memslots_can_be_replaced() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let ram = ram();
+        let mut vm = KvmVm::new_l2(ram.clone()).unwrap();
+        assert!(matches!(
+            vm.set_memslot(MemSlot {
+                slot: 1,
+                gpa: 0x4000_0000,
+                ram_offset: 32 << 20,
+                size: 0x1000,
+                read_only: false
+            }),
+            Err(KvmError::BadMemslot { .. })
+        ));
+        vm.remove_memslot(0).unwrap();
+        vm.set_memslot(MemSlot {
+            slot: 1,
+            gpa: 0x4000_0000,
+            ram_offset: 0x20_0000,
+            size: 0x20_0000,
+            read_only: false,
+        })
+        .unwrap();
+        assert_eq!(vm.memslots().count(), 1);
+    }
+}

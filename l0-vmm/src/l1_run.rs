@@ -1,0 +1,1200 @@
+//! The L1 run loop.
+//!
+//! Runs L1's vCPU and handles each exit: port I/O goes to the devices,
+//! RDMSR/WRMSR of the VMX MSRs to [`VmxMsrHandler`], VMX instructions
+//! (KVM emulation failures) to the nesting code ([`Nested::handle_vmx_exit`],
+//! which also runs L2 until an exit is reflected to L1). HLT, a triple fault,
+//! the debug-exit port, a `--timeout` or any error end the run with a
+//! message; nothing the guest does panics L0. At the end a summary table
+//! gives the exits by reason and handler, the trapped VMX instructions,
+//! the vCPU ioctl counts and the wall time.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+
+use nested_exit::{Segment, VcpuState};
+use serde::Serialize;
+
+use crate::devices::{Devices, IoOutcome, Level};
+use crate::hv::{IoctlCounters, Vcpu, VmExit};
+use crate::l1_image::abi;
+use crate::memory::{GuestRam, RamView};
+use crate::msr::VmxMsrHandler;
+use crate::nested::{FlushPending, HostAction, L2Host, Nested, VmxExitOutcome};
+use crate::vmx_emul::{access_linear, Access};
+
+/// Process exit code when L1 halted with nothing to wake it.
+pub const EXIT_HALTED: i32 = 0;
+/// Process exit code for a triple fault.
+pub const EXIT_TRIPLE_FAULT: i32 = 2;
+/// Process exit code for an L0 error (EX_SOFTWARE).
+pub const EXIT_ERROR: i32 = 70;
+/// Process exit code for `--timeout` (as timeout(1)).
+pub const EXIT_TIMEOUT: i32 = 124;
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum RunEnd {
+    /// The guest wrote V to port 0xf4: exit code (V << 1) | 1.
+    DebugExit(i32),
+    /// L1 executed HLT and nothing can wake it (no interrupt sources).
+    Halted,
+    /// L1 triple-faulted (KVM_EXIT_SHUTDOWN); the dump was printed.
+    TripleFault,
+    /// The timeout expired.
+    Timeout(Duration),
+    /// L0 could not continue; the message says why.
+    Error(String),
+}
+
+impl RunEnd {
+    /// The process exit code for this end.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunEnd::DebugExit(c) => *c,
+            RunEnd::Halted => EXIT_HALTED,
+            RunEnd::TripleFault => EXIT_TRIPLE_FAULT,
+            RunEnd::Timeout(_) => EXIT_TIMEOUT,
+            RunEnd::Error(_) => EXIT_ERROR,
+        }
+    }
+
+    /// One line describing the end.
+    pub fn describe(&self) -> String {
+        match self {
+            RunEnd::DebugExit(c) => format!(
+                "debug exit: guest wrote {:#x} to port 0xf4, exit code {c}",
+                (*c as u32) >> 1
+            ),
+            RunEnd::Halted => "L1 halted with nothing to wake it (no interrupt sources)".into(),
+            RunEnd::TripleFault => "L1 triple fault (KVM_EXIT_SHUTDOWN)".into(),
+            RunEnd::Timeout(d) => format!("timeout after {:.3} s", d.as_secs_f64()),
+            RunEnd::Error(m) => format!("error: {m}"),
+        }
+    }
+}
+
+/// Counters of one run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RunStats {
+    /// L1 exits by kind (all handled by L0).
+    pub l1_exits: BTreeMap<&'static str, u64>,
+    /// L2 exits: (basic reason, name, handled by L0, reflected to L1).
+    pub l2_exits: Vec<(u16, String, u64, u64)>,
+    /// Trapped VMX instructions by mnemonic.
+    pub vmx_instructions: Vec<(String, u64)>,
+    /// L1 vCPU ioctls.
+    pub l1_ioctls: IoctlCounters,
+    /// L2 vCPU ioctls (when L2 ran on a vCPU whose counters L0 can read).
+    pub l2_ioctls: Option<IoctlCounters>,
+    /// Wall time of the run.
+    pub wall: Duration,
+    /// Accesses to ports no device claims.
+    pub unhandled_ports: BTreeMap<u16, u64>,
+}
+
+/// The result of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunReport {
+    /// How it ended.
+    pub end: RunEnd,
+    /// Counters.
+    pub stats: RunStats,
+}
+
+/// Run options.
+#[derive(Debug, Clone, Default)]
+pub struct RunConfig {
+    /// End the run after this long.
+    pub timeout: Option<Duration>,
+    /// Reads the L2 vCPU's ioctl counters for the summary.
+    pub l2_counters: Option<crate::kvm::CounterHandle>,
+}
+
+/// Source of MSR values for L2 accesses L1 does not intercept (the L2 VM
+/// sends every MSR access to L0).
+pub trait MsrBackend {
+    /// RDMSR: the value, or `None` for #GP.
+    fn rdmsr(&mut self, index: u32) -> Option<u64>;
+    /// WRMSR: `false` for #GP.
+    fn wrmsr(&mut self, index: u32, value: u64) -> bool;
+}
+
+/// KVM's own MSR emulation, through a vCPU of a VM without an MSR filter.
+impl MsrBackend for crate::kvm::KvmVcpu {
+    fn rdmsr(&mut self, index: u32) -> Option<u64> {
+        self.get_msr(index).ok().flatten()
+    }
+
+    fn wrmsr(&mut self, index: u32, value: u64) -> bool {
+        self.set_msr(index, value).unwrap_or(false)
+    }
+}
+
+/// L1's platform as L0 presents it: devices, the VMX MSRs, and an MSR
+/// backend for the rest. Implements the nesting code's [`L2Host`].
+pub struct Platform<'a> {
+    /// Devices and console.
+    pub devices: &'a mut Devices,
+    /// The VMX capability MSRs.
+    pub vmx_msrs: &'a VmxMsrHandler,
+    /// Other MSRs (None: they raise #GP).
+    pub msrs: Option<&'a mut dyn MsrBackend>,
+}
+
+impl std::fmt::Debug for Platform<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Platform")
+            .field("devices", &self.devices)
+            .finish_non_exhaustive()
+    }
+}
+
+impl L2Host for Platform<'_> {
+    fn l2_io_out(&mut self, port: u16, size: u8, data: u32) -> HostAction {
+        match self.devices.io_out(Level::L2, port, size, data) {
+            IoOutcome::Handled => HostAction::Continue,
+            IoOutcome::Exit(c) => HostAction::Stop(c),
+        }
+    }
+
+    fn l2_io_in(&mut self, port: u16, size: u8) -> u32 {
+        self.devices.io_in(Level::L2, port, size)
+    }
+
+    fn l2_rdmsr(&mut self, index: u32) -> Option<u64> {
+        // L2's CPUID has no VMX: its VMX MSRs do not exist (#GP).
+        if crate::msr::is_vmx_msr(index) && index != crate::msr::IA32_FEATURE_CONTROL {
+            return None;
+        }
+        self.msrs.as_mut().and_then(|m| m.rdmsr(index))
+    }
+
+    fn l2_wrmsr(&mut self, index: u32, value: u64) -> bool {
+        if crate::msr::is_vmx_msr(index) {
+            return false;
+        }
+        self.msrs.as_mut().is_some_and(|m| m.wrmsr(index, value))
+    }
+}
+
+/// Signal used to kick a vCPU out of KVM_RUN when the timeout expires.
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN() + 2
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Kicks the run loop's thread with a signal once the timeout expires
+/// (KVM_RUN then returns EINTR), and again every 20 ms until stopped, so a
+/// signal that lands just before KVM_RUN is not lost.
+struct Watchdog {
+    stop: mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    fired: Arc<AtomicBool>,
+}
+
+impl Watchdog {
+    fn start(timeout: Duration) -> Option<Self> {
+        static INIT: Once = Once::new();
+        static INSTALLED: AtomicBool = AtomicBool::new(false);
+        INIT.call_once(|| {
+            match vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler) {
+                Ok(()) => INSTALLED.store(true, Ordering::SeqCst),
+                Err(e) => tracing::warn!("cannot install the timeout signal handler: {e}"),
+            }
+        });
+        if !INSTALLED.load(Ordering::SeqCst) {
+            // Without the handler the signal would kill the process: rely on
+            // the deadline checks between exits only.
+            return None;
+        }
+        // SAFETY: pthread_self has no preconditions.
+        let target = unsafe { libc::pthread_self() };
+        let fired = Arc::new(AtomicBool::new(false));
+        let (stop, rx) = mpsc::channel::<()>();
+        let f = fired.clone();
+        let thread = std::thread::spawn(move || {
+            let mut wait = timeout;
+            loop {
+                match rx.recv_timeout(wait) {
+                    Err(RecvTimeoutError::Timeout) => {
+                        f.store(true, Ordering::SeqCst);
+                        // SAFETY: `target` is the run-loop thread, which
+                        // stops and joins this thread before it returns, so
+                        // it is alive; the signal has a no-op handler.
+                        unsafe { libc::pthread_kill(target, kick_signal()) };
+                        wait = Duration::from_millis(20);
+                    }
+                    _ => return,
+                }
+            }
+        });
+        Some(Self {
+            stop,
+            thread: Some(thread),
+            fired,
+        })
+    }
+
+    fn fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A register dump of `s`, several lines.
+pub fn register_dump(s: &VcpuState) -> String {
+    let g = &s.gprs.regs;
+    let seg = |n: &str, x: &Segment| {
+        format!(
+            "{n}={:04x} base={:#x} limit={:#x} ar={:#x}",
+            x.selector, x.base, x.limit, x.ar
+        )
+    };
+    [
+        format!(
+            "rip={:#018x} rflags={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+            s.rip, s.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.msrs.efer
+        ),
+        format!(
+            "rax={:#x} rcx={:#x} rdx={:#x} rbx={:#x} rsp={:#x} rbp={:#x} rsi={:#x} rdi={:#x}",
+            g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]
+        ),
+        format!(
+            "r8={:#x} r9={:#x} r10={:#x} r11={:#x} r12={:#x} r13={:#x} r14={:#x} r15={:#x}",
+            g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]
+        ),
+        seg("cs", &s.cs),
+        seg("ss", &s.ss),
+        seg("ds", &s.ds),
+        seg("tr", &s.tr),
+        format!(
+            "gdtr={:#x}/{:#x} idtr={:#x}/{:#x} interruptibility={:#x} pending_event={:?}",
+            s.gdtr.base,
+            s.gdtr.limit,
+            s.idtr.base,
+            s.idtr.limit,
+            s.interruptibility,
+            s.pending_event
+        ),
+    ]
+    .join("\n")
+}
+
+/// Lines of the end-of-run summary.
+pub fn summary_lines(report: &RunReport) -> Vec<String> {
+    let s = &report.stats;
+    let mut out = vec![
+        "---- run summary ----".to_string(),
+        format!("end: {}", report.end.describe()),
+        format!("wall time: {:.3} s", s.wall.as_secs_f64()),
+        format!(
+            "L1 vCPU ioctls: KVM_RUN {}, other {}",
+            s.l1_ioctls.kvm_run, s.l1_ioctls.other
+        ),
+        match s.l2_ioctls {
+            Some(c) => format!("L2 vCPU ioctls: KVM_RUN {}, other {}", c.kvm_run, c.other),
+            None => "L2 vCPU ioctls: not measured".to_string(),
+        },
+        format!("{:<24} {:>10}", "L1 exit (handled by L0)", "count"),
+    ];
+    for (k, n) in &s.l1_exits {
+        out.push(format!("{k:<24} {n:>10}"));
+    }
+    if !s.l2_exits.is_empty() {
+        out.push(format!(
+            "{:<6} {:<28} {:>8} {:>8}",
+            "reason", "L2 exit", "by L0", "by L1"
+        ));
+        for (r, name, l0, l1) in &s.l2_exits {
+            out.push(format!("{r:<6} {name:<28} {l0:>8} {l1:>8}"));
+        }
+    }
+    if !s.vmx_instructions.is_empty() {
+        out.push(format!("{:<24} {:>10}", "VMX instruction", "trapped"));
+        for (k, n) in &s.vmx_instructions {
+            out.push(format!("{k:<24} {n:>10}"));
+        }
+    }
+    for (p, n) in &s.unhandled_ports {
+        out.push(format!("unclaimed port {p:#x}: {n} accesses"));
+    }
+    out
+}
+
+fn bump(m: &mut BTreeMap<&'static str, u64>, k: &'static str) {
+    *m.entry(k).or_insert(0) += 1;
+}
+
+/// Runs L1 until it ends; prints the end and the summary through the
+/// devices' console and returns the report.
+///
+/// `nested` is the nesting state (None: VMX instructions end the run).
+pub fn run_l1<V: Vcpu, L2: FlushPending>(
+    l1: &mut V,
+    mut nested: Option<&mut Nested<L2>>,
+    ram: &GuestRam,
+    platform: &mut Platform<'_>,
+    cfg: &RunConfig,
+) -> RunReport {
+    let start = Instant::now();
+    let watchdog = cfg.timeout.and_then(Watchdog::start);
+    let mut stats = RunStats::default();
+    let mut warned_trap_port = false;
+    let timed_out = |wd: &Option<Watchdog>| {
+        wd.as_ref().is_some_and(|w| w.fired()) || cfg.timeout.is_some_and(|t| start.elapsed() >= t)
+    };
+    let end = loop {
+        if timed_out(&watchdog) {
+            break RunEnd::Timeout(start.elapsed());
+        }
+        let exit = match l1.run() {
+            Ok(e) => e,
+            Err(e) => break RunEnd::Error(format!("running L1 failed: {e}")),
+        };
+        match exit {
+            VmExit::IoOut { port, size, data } => {
+                bump(&mut stats.l1_exits, "io-out");
+                if port == abi::VMX_TRAP_PORT {
+                    bump(&mut stats.l1_exits, "vmx-trap-port");
+                    let Some(n) = nested.as_deref_mut() else {
+                        if !warned_trap_port {
+                            platform.devices.console.l0_line(&format!(
+                                "L1 #UD trap frame at {data:#x} (port {port:#x}) but nesting is off: L1 sees a genuine #UD"
+                            ));
+                            warned_trap_port = true;
+                        }
+                        continue;
+                    };
+                    match trap_exit(n, l1, u64::from(data), ram, platform, &watchdog, cfg, start) {
+                        Ok(None) => {}
+                        Ok(Some(end)) => break end,
+                        Err(m) => break RunEnd::Error(m),
+                    }
+                    continue;
+                }
+                if let IoOutcome::Exit(code) = platform.devices.io_out(Level::L1, port, size, data)
+                {
+                    break RunEnd::DebugExit(code);
+                }
+            }
+            VmExit::IoIn { port, size } => {
+                bump(&mut stats.l1_exits, "io-in");
+                let v = platform.devices.io_in(Level::L1, port, size);
+                l1.complete_io_in(v);
+            }
+            VmExit::MmioRead { gpa, len } => {
+                bump(&mut stats.l1_exits, "mmio-read");
+                tracing::debug!("L1 read {len} bytes of unmapped memory at {gpa:#x}");
+                l1.complete_mmio_read(&[0xff; 8][..usize::from(len).min(8)]);
+            }
+            VmExit::MmioWrite { gpa, .. } => {
+                bump(&mut stats.l1_exits, "mmio-write");
+                tracing::debug!("L1 wrote unmapped memory at {gpa:#x}: ignored");
+            }
+            VmExit::RdMsr { index } => {
+                bump(&mut stats.l1_exits, "rdmsr");
+                l1.complete_rdmsr(platform.vmx_msrs.rdmsr(index));
+            }
+            VmExit::WrMsr { index, data } => {
+                bump(&mut stats.l1_exits, "wrmsr");
+                l1.complete_wrmsr(platform.vmx_msrs.wrmsr(index, data));
+            }
+            VmExit::Hlt => {
+                bump(&mut stats.l1_exits, "hlt");
+                break RunEnd::Halted;
+            }
+            VmExit::Shutdown => {
+                bump(&mut stats.l1_exits, "shutdown");
+                let mut msg = String::from("L1 triple fault (KVM_EXIT_SHUTDOWN): register dump");
+                match l1.get_state() {
+                    Ok(s) => {
+                        msg.push('\n');
+                        msg.push_str(&register_dump(&s));
+                    }
+                    Err(e) => msg.push_str(&format!(" unavailable: {e}")),
+                }
+                if let Some(v) = nested.as_ref().and_then(|n| n.current_vmcs12()) {
+                    msg.push_str("\ncurrent vmcs12 (non-zero fields):");
+                    for (f, val) in v.non_zero() {
+                        msg.push_str(&format!("\n  {:<40} {val:#x}", f.name()));
+                    }
+                }
+                platform.devices.console.l0_line(&msg);
+                break RunEnd::TripleFault;
+            }
+            VmExit::EmulationFailure { insn_bytes } => {
+                bump(&mut stats.l1_exits, "emulation-failure");
+                let Some(n) = nested.as_deref_mut() else {
+                    break RunEnd::Error(format!(
+                        "L1 executed an instruction KVM cannot run (bytes {insn_bytes:02x?}) and nesting is off"
+                    ));
+                };
+                match vmx_exit(n, l1, &insn_bytes, ram, platform, &watchdog, cfg, start) {
+                    Ok(None) => {}
+                    Ok(Some(end)) => break end,
+                    Err(m) => break RunEnd::Error(m),
+                }
+            }
+            VmExit::InternalError { suberror } => {
+                bump(&mut stats.l1_exits, "internal-error");
+                break RunEnd::Error(format!(
+                    "KVM internal error (suberror {suberror}) while running L1"
+                ));
+            }
+            VmExit::FailEntry { reason } => {
+                bump(&mut stats.l1_exits, "fail-entry");
+                break RunEnd::Error(format!(
+                    "KVM could not enter L1 (hardware entry failure reason {reason:#x}); the L1 register state is invalid"
+                ));
+            }
+            VmExit::Debug { pc, .. } => {
+                bump(&mut stats.l1_exits, "debug");
+                tracing::debug!("L1 debug exit at {pc:#x}");
+            }
+            VmExit::IrqWindowOpen => bump(&mut stats.l1_exits, "irq-window"),
+            VmExit::Interrupted => bump(&mut stats.l1_exits, "interrupted"),
+            VmExit::Unsupported(n) => {
+                bump(&mut stats.l1_exits, "unsupported");
+                break RunEnd::Error(format!("unexpected KVM exit {n} while running L1"));
+            }
+        }
+    };
+    drop(watchdog);
+    platform.devices.console.flush();
+    stats.wall = start.elapsed();
+    stats.l1_ioctls = l1.counters();
+    stats.l2_ioctls = cfg.l2_counters.as_ref().map(|h| h.get());
+    stats.unhandled_ports = platform.devices.unhandled.clone();
+    if let Some(n) = nested.as_ref() {
+        let ns = n.stats();
+        stats.l2_exits = ns
+            .exit_rows()
+            .into_iter()
+            .map(|(r, name, a, b)| (r, name.to_string(), a, b))
+            .collect();
+        stats.vmx_instructions = ns
+            .vmx_rows()
+            .into_iter()
+            .map(|(k, c)| (k.to_string(), c))
+            .collect();
+    }
+    let report = RunReport { end, stats };
+    for l in summary_lines(&report) {
+        platform.devices.console.l0_line(&l);
+    }
+    report
+}
+
+/// GPRs in the trap frame, in frame order, with their VMX register numbers.
+const FRAME_GPRS: [(u64, usize); 15] = [
+    (abi::trap_frame::RAX, 0),
+    (abi::trap_frame::RCX, 1),
+    (abi::trap_frame::RDX, 2),
+    (abi::trap_frame::RBX, 3),
+    (abi::trap_frame::RBP, 5),
+    (abi::trap_frame::RSI, 6),
+    (abi::trap_frame::RDI, 7),
+    (abi::trap_frame::R8, 8),
+    (abi::trap_frame::R9, 9),
+    (abi::trap_frame::R10, 10),
+    (abi::trap_frame::R11, 11),
+    (abi::trap_frame::R12, 12),
+    (abi::trap_frame::R13, 13),
+    (abi::trap_frame::R14, 14),
+    (abi::trap_frame::R15, 15),
+];
+
+/// Number of u64 slots in a trap frame.
+const FRAME_WORDS: usize = (abi::trap_frame::SIZE / 8) as usize;
+
+/// What became of the instruction a trap frame describes.
+#[derive(Debug, Clone, PartialEq)]
+enum TrapResult {
+    /// Nothing set (not a VMX instruction, or nothing done yet).
+    Untouched,
+    /// Emulated: write this state back into the frame.
+    Emulated(Box<VcpuState>),
+    /// L1's whole state was replaced (a VM exit to L1's host state).
+    Replaced,
+    /// The instruction faults (vector, error code).
+    Fault(u8, Option<u32>),
+}
+
+/// L1's vCPU as seen at the instruction that raised the #UD described by
+/// a trap frame (`l1_image::abi::trap_frame`): GPRs, RIP, RFLAGS and RSP
+/// come from the frame. A `set_state` that only completes the instruction
+/// (same control registers and segments, same RSP, RIP 1-15 bytes further)
+/// is kept for the frame; anything else (a VM exit loading L1's host
+/// state) goes to the real vCPU, and L1 never returns to its handler.
+struct TrapFrameVcpu<'a, V: Vcpu> {
+    l1: &'a mut V,
+    frame: [u64; FRAME_WORDS],
+    given: Option<VcpuState>,
+    result: TrapResult,
+}
+
+impl<V: Vcpu> TrapFrameVcpu<'_, V> {
+    fn field(&self, off: u64) -> u64 {
+        self.frame.get((off / 8) as usize).copied().unwrap_or(0)
+    }
+
+    fn completes_instruction(g: &VcpuState, n: &VcpuState) -> bool {
+        let advance = n.rip.wrapping_sub(g.rip);
+        (1..=15).contains(&advance)
+            && n.gprs.regs[4] == g.gprs.regs[4]
+            && n.cr0 == g.cr0
+            && n.cr3 == g.cr3
+            && n.cr4 == g.cr4
+            && n.cs == g.cs
+            && n.ss == g.ss
+            && n.msrs.efer == g.msrs.efer
+    }
+}
+
+impl<V: Vcpu> Vcpu for TrapFrameVcpu<'_, V> {
+    type Error = V::Error;
+
+    fn run(&mut self) -> Result<VmExit, V::Error> {
+        self.l1.run()
+    }
+
+    fn get_state(&mut self) -> Result<VcpuState, V::Error> {
+        let mut s = self.l1.get_state()?;
+        for (off, reg) in FRAME_GPRS {
+            s.gprs.regs[reg] = self.field(off);
+        }
+        s.gprs.regs[4] = self.field(abi::trap_frame::RSP);
+        s.rip = self.field(abi::trap_frame::RIP);
+        s.rflags = self.field(abi::trap_frame::RFLAGS);
+        self.given = Some(s);
+        Ok(s)
+    }
+
+    fn set_state(&mut self, state: &VcpuState) -> Result<(), V::Error> {
+        match &self.given {
+            Some(g) if Self::completes_instruction(g, state) => {
+                self.result = TrapResult::Emulated(Box::new(*state));
+                Ok(())
+            }
+            _ => {
+                self.result = TrapResult::Replaced;
+                self.l1.set_state(state)
+            }
+        }
+    }
+
+    fn complete_io_in(&mut self, data: u32) {
+        self.l1.complete_io_in(data)
+    }
+
+    fn complete_mmio_read(&mut self, data: &[u8]) {
+        self.l1.complete_mmio_read(data)
+    }
+
+    fn complete_rdmsr(&mut self, value: Option<u64>) {
+        self.l1.complete_rdmsr(value)
+    }
+
+    fn complete_wrmsr(&mut self, ok: bool) {
+        self.l1.complete_wrmsr(ok)
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), V::Error> {
+        self.result = TrapResult::Fault(vector, error_code);
+        Ok(())
+    }
+
+    fn counters(&self) -> IoctlCounters {
+        self.l1.counters()
+    }
+}
+
+/// Copies `buf` from or to L1's linear address `addr` (through L1's
+/// paging); a message if L1's state or mapping does not allow it.
+fn l1_linear<V: Vcpu>(
+    l1: &mut V,
+    ram: &GuestRam,
+    addr: u64,
+    buf: &mut [u8],
+    access: Access,
+) -> Result<(), String> {
+    let s = l1.get_state().map_err(|e| e.to_string())?;
+    let mut mem = RamView(ram);
+    match access_linear(&s, &mut mem, addr, buf, access) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(f)) => Err(format!(
+            "L1's trap frame at {addr:#x} is not accessible ({f:?})"
+        )),
+        Err(e) => Err(format!("L1's trap frame at {addr:#x}: {e}")),
+    }
+}
+
+/// L1's #UD trap port: emulates the VMX instruction the frame at
+/// `frame_addr` describes and, when it completes in place, writes the
+/// registers back into the frame with status EMULATED (L1 then IRETQs past
+/// it). `Ok(None)` continues L1.
+#[allow(clippy::too_many_arguments)]
+fn trap_exit<V: Vcpu, L2: FlushPending>(
+    n: &mut Nested<L2>,
+    l1: &mut V,
+    frame_addr: u64,
+    ram: &GuestRam,
+    platform: &mut Platform<'_>,
+    watchdog: &Option<Watchdog>,
+    cfg: &RunConfig,
+    start: Instant,
+) -> Result<Option<RunEnd>, String> {
+    let mut raw = [0u8; FRAME_WORDS * 8];
+    if let Err(m) = l1_linear(l1, ram, frame_addr, &mut raw, Access::Read) {
+        platform
+            .devices
+            .console
+            .l0_line(&format!("{m}: L1 sees a genuine #UD"));
+        return Ok(None);
+    }
+    let mut frame = [0u64; FRAME_WORDS];
+    for (slot, chunk) in frame.iter_mut().zip(raw.chunks_exact(8)) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        *slot = u64::from_le_bytes(b);
+    }
+    let mut tv = TrapFrameVcpu {
+        l1,
+        frame,
+        given: None,
+        result: TrapResult::Untouched,
+    };
+    let mut mem = RamView(ram);
+    let mut outcome = n
+        .handle_vmx_exit(&mut tv, &[], &mut mem, platform)
+        .map_err(|e| e.to_string())?;
+    let end = loop {
+        match outcome {
+            VmxExitOutcome::Continue | VmxExitOutcome::NotVmx(_) => break None,
+            VmxExitOutcome::Stop(code) => break Some(RunEnd::DebugExit(code)),
+            VmxExitOutcome::L2Interrupted => {
+                let timed_out = watchdog.as_ref().is_some_and(|w| w.fired())
+                    || cfg.timeout.is_some_and(|t| start.elapsed() >= t);
+                if timed_out {
+                    break Some(RunEnd::Timeout(start.elapsed()));
+                }
+                outcome = n
+                    .continue_l2(&mut tv, &mut mem, platform)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    };
+    let rip = tv.field(abi::trap_frame::RIP);
+    let TrapFrameVcpu {
+        l1, frame, result, ..
+    } = tv;
+    match result {
+        TrapResult::Emulated(s) => {
+            let mut f = frame;
+            let mut put = |off: u64, v: u64| {
+                if let Some(slot) = f.get_mut((off / 8) as usize) {
+                    *slot = v;
+                }
+            };
+            for (off, reg) in FRAME_GPRS {
+                put(off, s.gprs.regs[reg]);
+            }
+            put(abi::trap_frame::RIP, s.rip);
+            put(abi::trap_frame::RFLAGS, s.rflags);
+            put(abi::trap_frame::STATUS, abi::TRAP_STATUS_EMULATED);
+            let mut raw = [0u8; FRAME_WORDS * 8];
+            for (chunk, v) in raw.chunks_exact_mut(8).zip(f) {
+                chunk.copy_from_slice(&v.to_le_bytes());
+            }
+            l1_linear(l1, ram, frame_addr, &mut raw, Access::Write)?;
+        }
+        TrapResult::Fault(vector, code) => {
+            // The fault belongs to the instruction, but L1 is inside its #UD
+            // handler now: the status stays NOT_HANDLED (L1 reports a #UD);
+            // say what the instruction would have raised.
+            platform.devices.console.l0_line(&format!(
+                "VMX instruction at {rip:#x} (via L1's #UD trap) raises vector {vector} (error code {code:?}); L1 sees #UD"
+            ));
+        }
+        TrapResult::Untouched | TrapResult::Replaced => {}
+    }
+    Ok(end)
+}
+
+/// One trapped VMX instruction: `Ok(None)` continues L1.
+#[allow(clippy::too_many_arguments)]
+fn vmx_exit<V: Vcpu, L2: FlushPending>(
+    n: &mut Nested<L2>,
+    l1: &mut V,
+    insn_bytes: &[u8],
+    ram: &GuestRam,
+    platform: &mut Platform<'_>,
+    watchdog: &Option<Watchdog>,
+    cfg: &RunConfig,
+    start: Instant,
+) -> Result<Option<RunEnd>, String> {
+    let mut mem = RamView(ram);
+    let mut outcome = n
+        .handle_vmx_exit(l1, insn_bytes, &mut mem, platform)
+        .map_err(|e| e.to_string())?;
+    loop {
+        match outcome {
+            VmxExitOutcome::Continue => return Ok(None),
+            VmxExitOutcome::Stop(code) => return Ok(Some(RunEnd::DebugExit(code))),
+            VmxExitOutcome::NotVmx(e) => {
+                let rip = l1.get_state().map(|s| s.rip).unwrap_or(u64::MAX);
+                let where_ = if rip >= ram.size() {
+                    " (RIP is outside guest RAM: L1 jumped to unmapped memory)"
+                } else {
+                    ""
+                };
+                return Err(format!(
+                    "KVM could not emulate L1's instruction at RIP {rip:#x}{where_} (bytes {insn_bytes:02x?}) and it is not a VMX instruction: {e}"
+                ));
+            }
+            VmxExitOutcome::L2Interrupted => {
+                let timed_out = watchdog.as_ref().is_some_and(|w| w.fired())
+                    || cfg.timeout.is_some_and(|t| start.elapsed() >= t);
+                if timed_out {
+                    return Ok(Some(RunEnd::Timeout(start.elapsed())));
+                }
+                outcome = n
+                    .continue_l2(l1, &mut mem, platform)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::CaptureSink;
+    use std::collections::VecDeque;
+    use vmcs12::VmxCapabilities;
+
+    /// A scripted L1 vCPU: returns the exits in order, records completions.
+    #[derive(Debug, Default)]
+    struct Scripted {
+        exits: VecDeque<VmExit>,
+        state: VcpuState,
+        io_in: Vec<u32>,
+        rdmsr: Vec<Option<u64>>,
+        wrmsr: Vec<bool>,
+        runs: u64,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("script exhausted")]
+    struct Exhausted;
+
+    impl Vcpu for Scripted {
+        type Error = Exhausted;
+        fn run(&mut self) -> Result<VmExit, Exhausted> {
+            self.runs += 1;
+            self.exits.pop_front().ok_or(Exhausted)
+        }
+        fn get_state(&mut self) -> Result<VcpuState, Exhausted> {
+            Ok(self.state)
+        }
+        fn set_state(&mut self, s: &VcpuState) -> Result<(), Exhausted> {
+            self.state = *s;
+            Ok(())
+        }
+        fn complete_io_in(&mut self, d: u32) {
+            self.io_in.push(d);
+        }
+        fn complete_mmio_read(&mut self, _: &[u8]) {}
+        fn complete_rdmsr(&mut self, v: Option<u64>) {
+            self.rdmsr.push(v);
+        }
+        fn complete_wrmsr(&mut self, ok: bool) {
+            self.wrmsr.push(ok);
+        }
+        fn inject_exception(&mut self, _: u8, _: Option<u32>) -> Result<(), Exhausted> {
+            Ok(())
+        }
+        fn counters(&self) -> IoctlCounters {
+            IoctlCounters {
+                kvm_run: self.runs,
+                other: 0,
+            }
+        }
+    }
+
+    fn run(exits: Vec<VmExit>, cfg: RunConfig) -> (RunReport, Scripted, Vec<String>) {
+        let cap = CaptureSink::new();
+        let mut devices = Devices::new(Box::new(cap.clone()));
+        let msrs = VmxMsrHandler::new(VmxCapabilities::default());
+        let mut platform = Platform {
+            devices: &mut devices,
+            vmx_msrs: &msrs,
+            msrs: None,
+        };
+        let ram = GuestRam::new(2 << 20).unwrap();
+        let mut v = Scripted {
+            exits: exits.into(),
+            ..Default::default()
+        };
+        let r = run_l1(
+            &mut v,
+            None::<&mut Nested<crate::kvm::KvmVcpu>>,
+            &ram,
+            &mut platform,
+            &cfg,
+        );
+        (r, v, cap.lines())
+    }
+
+    fn out(port: u16, b: u8) -> VmExit {
+        VmExit::IoOut {
+            port,
+            size: 1,
+            data: u32::from(b),
+        }
+    }
+
+    #[test]
+    fn test_run_prints_uart_and_ends_on_debug_exit() {
+        let mut exits: Vec<_> = "hi\n".bytes().map(|b| out(0x3f8, b)).collect();
+        exits.push(VmExit::IoIn {
+            port: 0x3fd,
+            size: 1,
+        });
+        exits.push(VmExit::IoOut {
+            port: 0xf4,
+            size: 4,
+            data: 0x10,
+        });
+        exits.push(VmExit::Hlt);
+        let (r, v, lines) = run(exits, RunConfig::default());
+        assert_eq!(r.end, RunEnd::DebugExit(0x21));
+        assert_eq!(r.end.exit_code(), 0x21);
+        assert_eq!(lines[0], "[L1] hi");
+        assert_eq!(v.io_in, vec![0x60]);
+        assert_eq!(v.exits.len(), 1, "HLT after the debug exit is never run");
+        assert_eq!(r.stats.l1_exits.get("io-out"), Some(&4));
+        assert_eq!(r.stats.l1_ioctls.kvm_run, 5);
+        assert!(lines.iter().any(|l| l.starts_with("[L0] end: debug exit")));
+    }
+
+    #[test]
+    fn test_run_answers_vmx_msrs_and_refuses_writes() {
+        let exits = vec![
+            VmExit::RdMsr { index: 0x480 },
+            VmExit::RdMsr { index: 0x3a },
+            VmExit::WrMsr {
+                index: 0x3a,
+                data: 5,
+            },
+            VmExit::Hlt,
+        ];
+        let (r, v, _) = run(exits, RunConfig::default());
+        assert_eq!(r.end, RunEnd::Halted);
+        let caps = VmxCapabilities::default();
+        assert_eq!(v.rdmsr, vec![caps.read_msr(0x480), caps.read_msr(0x3a)]);
+        assert!(v.rdmsr.iter().all(Option::is_some));
+        assert_eq!(v.wrmsr, vec![false]);
+    }
+
+    #[test]
+    fn test_run_triple_fault_dumps_registers() {
+        let (r, _, lines) = run(vec![VmExit::Shutdown], RunConfig::default());
+        assert_eq!(r.end, RunEnd::TripleFault);
+        assert_eq!(r.end.exit_code(), EXIT_TRIPLE_FAULT);
+        assert!(lines.iter().any(|l| l.contains("triple fault")));
+        assert!(lines.iter().any(|l| l.starts_with("[L0] rip=")));
+    }
+
+    #[test]
+    fn test_run_vmx_instruction_without_nesting_is_an_error() {
+        let (r, _, _) = run(
+            vec![VmExit::EmulationFailure {
+                insn_bytes: vec![0x0f, 0x01, 0xc4],
+            }],
+            RunConfig::default(),
+        );
+        match r.end {
+            RunEnd::Error(m) => assert!(m.contains("nesting is off"), "{m}"),
+            e => panic!("expected an error, got {e:?}"),
+        }
+    }
+
+    #[test]
+    fn test_run_backend_error_ends_with_message() {
+        let (r, _, _) = run(vec![], RunConfig::default());
+        assert_eq!(
+            r.end,
+            RunEnd::Error("running L1 failed: script exhausted".into())
+        );
+        assert_eq!(r.end.exit_code(), EXIT_ERROR);
+    }
+
+    #[test]
+    fn test_run_unexpected_exits_end_the_run() {
+        let (r, _, _) = run(vec![VmExit::Unsupported(99)], RunConfig::default());
+        assert!(matches!(r.end, RunEnd::Error(m) if m.contains("99")));
+        let (r, _, _) = run(
+            vec![VmExit::FailEntry { reason: 0x21 }],
+            RunConfig::default(),
+        );
+        assert!(matches!(r.end, RunEnd::Error(m) if m.contains("0x21")));
+    }
+
+    #[test]
+    fn test_run_times_out() {
+        let exits = vec![VmExit::Interrupted; 1_000_000];
+        let t = Duration::from_millis(30);
+        let cap = CaptureSink::new();
+        let mut devices = Devices::new(Box::new(cap.clone()));
+        let msrs = VmxMsrHandler::new(VmxCapabilities::default());
+        let mut platform = Platform {
+            devices: &mut devices,
+            vmx_msrs: &msrs,
+            msrs: None,
+        };
+        let ram = GuestRam::new(2 << 20).unwrap();
+        struct Slow(Scripted);
+        impl Vcpu for Slow {
+            type Error = Exhausted;
+            fn run(&mut self) -> Result<VmExit, Exhausted> {
+                std::thread::sleep(Duration::from_millis(1));
+                self.0.run()
+            }
+            fn get_state(&mut self) -> Result<VcpuState, Exhausted> {
+                self.0.get_state()
+            }
+            fn set_state(&mut self, s: &VcpuState) -> Result<(), Exhausted> {
+                self.0.set_state(s)
+            }
+            fn complete_io_in(&mut self, d: u32) {
+                self.0.complete_io_in(d)
+            }
+            fn complete_mmio_read(&mut self, d: &[u8]) {
+                self.0.complete_mmio_read(d)
+            }
+            fn complete_rdmsr(&mut self, v: Option<u64>) {
+                self.0.complete_rdmsr(v)
+            }
+            fn complete_wrmsr(&mut self, ok: bool) {
+                self.0.complete_wrmsr(ok)
+            }
+            fn inject_exception(&mut self, v: u8, e: Option<u32>) -> Result<(), Exhausted> {
+                self.0.inject_exception(v, e)
+            }
+            fn counters(&self) -> IoctlCounters {
+                self.0.counters()
+            }
+        }
+        let mut v = Slow(Scripted {
+            exits: exits.into(),
+            ..Default::default()
+        });
+        let r = run_l1(
+            &mut v,
+            None::<&mut Nested<crate::kvm::KvmVcpu>>,
+            &ram,
+            &mut platform,
+            &RunConfig {
+                timeout: Some(t),
+                l2_counters: None,
+            },
+        );
+        assert!(matches!(r.end, RunEnd::Timeout(d) if d >= t));
+        assert_eq!(r.end.exit_code(), EXIT_TIMEOUT);
+    }
+
+    #[test]
+    fn test_platform_sends_l2_console_to_l2_prefix() {
+        let cap = CaptureSink::new();
+        let mut devices = Devices::new(Box::new(cap.clone()));
+        let msrs = VmxMsrHandler::new(VmxCapabilities::default());
+        let mut p = Platform {
+            devices: &mut devices,
+            vmx_msrs: &msrs,
+            msrs: None,
+        };
+        for b in b"L2 via 0xe9\n" {
+            assert_eq!(p.l2_io_out(0xe9, 1, u32::from(*b)), HostAction::Continue);
+        }
+        assert_eq!(p.l2_io_out(0xf4, 1, 2), HostAction::Stop(5));
+        assert_eq!(p.l2_rdmsr(0x480), None, "L2 has no VMX");
+        assert_eq!(p.l2_rdmsr(0x1b), None, "no MSR backend: #GP");
+        assert!(!p.l2_wrmsr(0x3a, 1));
+        assert_eq!(cap.lines(), vec!["[L2] L2 via 0xe9"]);
+    }
+
+    /// An L2 vCPU that must never run (the trap test does not enter L2).
+    #[derive(Debug, Default)]
+    struct NoL2(Scripted);
+
+    impl Vcpu for NoL2 {
+        type Error = Exhausted;
+        fn run(&mut self) -> Result<VmExit, Exhausted> {
+            Err(Exhausted)
+        }
+        fn get_state(&mut self) -> Result<VcpuState, Exhausted> {
+            self.0.get_state()
+        }
+        fn set_state(&mut self, s: &VcpuState) -> Result<(), Exhausted> {
+            self.0.set_state(s)
+        }
+        fn complete_io_in(&mut self, _: u32) {}
+        fn complete_mmio_read(&mut self, _: &[u8]) {}
+        fn complete_rdmsr(&mut self, _: Option<u64>) {}
+        fn complete_wrmsr(&mut self, _: bool) {}
+        fn inject_exception(&mut self, _: u8, _: Option<u32>) -> Result<(), Exhausted> {
+            Ok(())
+        }
+        fn counters(&self) -> IoctlCounters {
+            IoctlCounters::default()
+        }
+    }
+
+    impl FlushPending for NoL2 {
+        fn flush_pending(&mut self) -> Result<(), Exhausted> {
+            Ok(())
+        }
+    }
+
+    /// L1 in 64-bit mode (identity paging) whose #UD handler reports a
+    /// frame for `insn` at 0x20_0000 through the trap port.
+    fn trap_run(insn: &[u8], rax: u64) -> (RunReport, GuestRam, Vec<String>) {
+        use crate::loader::{images::elf64, load_kernel};
+        use vmcs12::GuestPhysMemory;
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let k = load_kernel(&ram, &elf64(0x20_0000, insn, 0x10), "").unwrap();
+        let state = k.entry_state(&VcpuState::default());
+        let caps = VmxCapabilities::default();
+        let mut m = RamView(&ram);
+        // VMXON region with the right revision id.
+        m.write_u32(0x30_0000, caps.vmcs_revision_id()).unwrap();
+        // The VMXON operand: a pointer to the region.
+        m.write_u64(0x31_0000, 0x30_0000).unwrap();
+        let frame = 0x40_0000u64;
+        m.write_u64(frame + abi::trap_frame::RAX, rax).unwrap();
+        m.write_u64(frame + abi::trap_frame::RIP, 0x20_0000)
+            .unwrap();
+        m.write_u64(frame + abi::trap_frame::RFLAGS, 0x2 | 0x41)
+            .unwrap();
+        m.write_u64(frame + abi::trap_frame::RSP, 0x7_0000).unwrap();
+        m.write_u64(frame + abi::trap_frame::VECTOR, 6).unwrap();
+        let cap = CaptureSink::new();
+        let mut devices = Devices::new(Box::new(cap.clone()));
+        let msrs = VmxMsrHandler::new(caps.clone());
+        let mut platform = Platform {
+            devices: &mut devices,
+            vmx_msrs: &msrs,
+            msrs: None,
+        };
+        let mut l1 = Scripted {
+            exits: vec![
+                VmExit::IoOut {
+                    port: abi::VMX_TRAP_PORT,
+                    size: 4,
+                    data: frame as u32,
+                },
+                VmExit::IoOut {
+                    port: 0xf4,
+                    size: 4,
+                    data: 0,
+                },
+            ]
+            .into(),
+            state,
+            ..Default::default()
+        };
+        let mut nested = Nested::new(vmcs12::VmxCpu::new(caps), NoL2::default());
+        let r = run_l1(
+            &mut l1,
+            Some(&mut nested),
+            &ram,
+            &mut platform,
+            &RunConfig::default(),
+        );
+        (r, ram, cap.lines())
+    }
+
+    #[test]
+    fn test_trap_port_emulates_vmxon_into_the_frame() {
+        use vmcs12::GuestPhysMemory;
+        // vmxon [rax]
+        let (r, ram, lines) = trap_run(&[0xf3, 0x0f, 0xc7, 0x30], 0x31_0000);
+        assert_eq!(r.end, RunEnd::DebugExit(1), "{lines:?}");
+        let m = RamView(&ram);
+        let frame = 0x40_0000u64;
+        assert_eq!(
+            m.read_u64(frame + abi::trap_frame::STATUS),
+            Ok(abi::TRAP_STATUS_EMULATED)
+        );
+        assert_eq!(m.read_u64(frame + abi::trap_frame::RIP), Ok(0x20_0004));
+        // VMsucceed clears CF and ZF.
+        assert_eq!(
+            m.read_u64(frame + abi::trap_frame::RFLAGS).unwrap() & 0x41,
+            0
+        );
+        assert_eq!(m.read_u64(frame + abi::trap_frame::RAX), Ok(0x31_0000));
+    }
+
+    #[test]
+    fn test_trap_port_leaves_genuine_ud_alone() {
+        use vmcs12::GuestPhysMemory;
+        // ud2 is not a VMX instruction: the status stays NOT_HANDLED.
+        let (r, ram, _) = trap_run(&[0x0f, 0x0b], 0);
+        assert_eq!(r.end, RunEnd::DebugExit(1));
+        let m = RamView(&ram);
+        assert_eq!(
+            m.read_u64(0x40_0000 + abi::trap_frame::STATUS),
+            Ok(abi::TRAP_STATUS_NOT_HANDLED)
+        );
+        assert_eq!(m.read_u64(0x40_0000 + abi::trap_frame::RIP), Ok(0x20_0000));
+    }
+
+    #[test]
+    fn test_trap_port_fault_leaves_status_and_reports_vector() {
+        use vmcs12::GuestPhysMemory;
+        // vmxoff outside VMX operation raises #UD.
+        let (r, ram, lines) = trap_run(&[0x0f, 0x01, 0xc4], 0);
+        assert_eq!(r.end, RunEnd::DebugExit(1));
+        assert_eq!(
+            RamView(&ram).read_u64(0x40_0000 + abi::trap_frame::STATUS),
+            Ok(abi::TRAP_STATUS_NOT_HANDLED)
+        );
+        assert!(
+            lines.iter().any(|l| l.contains("raises vector 6")),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn test_summary_lists_exits_and_vmx_instructions() {
+        let mut stats = RunStats::default();
+        stats.l1_exits.insert("io-out", 3);
+        stats.l2_exits.push((30, "I/O instruction".into(), 1, 2));
+        stats.vmx_instructions.push(("vmxon".into(), 1));
+        let lines = summary_lines(&RunReport {
+            end: RunEnd::Halted,
+            stats,
+        });
+        assert!(lines
+            .iter()
+            .any(|l| l.starts_with("io-out") && l.ends_with('3')));
+        assert!(lines
+            .iter()
+            .any(|l| l.starts_with("30") && l.contains("I/O")));
+        assert!(lines.iter().any(|l| l.starts_with("vmxon")));
+    }
+}
