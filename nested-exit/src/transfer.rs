@@ -16,7 +16,7 @@
 use vmcs12::controls::{
     intr_info, EntryControls, ExitControls, PinBased, PrimaryProcBased, SecondaryProcBased,
 };
-use vmcs12::entry::Seg;
+use vmcs12::entry::{pdpte_reserved, read_pdptes, Seg, GUEST_PDPTES};
 use vmcs12::{GuestPhysMemory, Vmcs12, VmcsField as F, VmxCapabilities};
 
 use crate::exit_info::ExitInfo;
@@ -567,38 +567,12 @@ const DR7_RESET: u64 = 0x400;
 const RFLAGS_RESERVED_1: u64 = 0x2;
 const ACTIVITY_HLT: u32 = 1;
 
-/// Whether a present PAE PDPTE sets reserved bits: 2:1, 8:5 and
-/// 63:MAXPHYADDR (SDM 4.4.1).
-fn pdpte_reserved(pdpte: u64, phys_addr_width: u8) -> bool {
-    let high = if phys_addr_width >= 64 {
-        0
-    } else {
-        u64::MAX << phys_addr_width
-    };
-    pdpte & 1 != 0 && pdpte & (0x1e6 | high) != 0
-}
-
-/// Reads and checks the four PDPTEs at CR3 bits 31:5.
+/// Reads and checks the four PDPTEs at CR3 bits 31:5 (SDM 4.4.1; one
+/// implementation in `vmcs12::entry`, shared with the VM-entry checks).
 fn load_pdptes(mem: &dyn GuestPhysMemory, cr3: u64, phys_addr_width: u8) -> Option<[u64; 4]> {
-    let base = cr3 & 0xffff_ffe0;
-    let mut out = [0u64; 4];
-    for (i, slot) in out.iter_mut().enumerate() {
-        let v = mem.read_u64(base + 8 * i as u64).ok()?;
-        if pdpte_reserved(v, phys_addr_width) {
-            return None;
-        }
-        *slot = v;
-    }
-    Some(out)
+    let p = read_pdptes(mem, cr3).ok()?;
+    (!p.iter().any(|&e| pdpte_reserved(e, phys_addr_width))).then_some(p)
 }
-
-/// GUEST_PDPTE0-3.
-const PDPTE_FIELDS: [F; 4] = [
-    F::GUEST_PDPTE0,
-    F::GUEST_PDPTE1,
-    F::GUEST_PDPTE2,
-    F::GUEST_PDPTE3,
-];
 
 /// The secondary controls as VMX uses them: 0 unless "activate secondary
 /// controls" is 1 (SDM 25.6.2).
@@ -779,7 +753,7 @@ fn save_guest_state(vmcs12: &mut Vmcs12, l2: &VcpuState, preemption_timer_remain
     // SDM 28.3.4: with "enable EPT" and PAE paging in use, the PDPTEs the
     // CPU holds are saved; otherwise the fields are left alone.
     if ept_enabled(vmcs12) && uses_pae_paging(l2.cr0, l2.cr4, l2.msrs.efer) {
-        for (field, value) in PDPTE_FIELDS.into_iter().zip(l2.msrs.pdptes) {
+        for (field, value) in GUEST_PDPTES.into_iter().zip(l2.msrs.pdptes) {
             vmcs12.set(field, value);
         }
     }
@@ -1074,7 +1048,7 @@ pub fn prepare_vmcs02(
 
     let pdptes = if uses_pae_paging(l2.cr0, l2.cr4, l2.msrs.efer) {
         let p = if ept_enabled(vmcs12) {
-            let p = PDPTE_FIELDS.map(|f| vmcs12.get(f));
+            let p = GUEST_PDPTES.map(|f| vmcs12.get(f));
             let ok = !p.iter().any(|&e| pdpte_reserved(e, caps.phys_addr_width));
             ok.then_some(p)
         } else {
@@ -2136,13 +2110,13 @@ mod tests {
         let mut l2 = v02.l2;
         l2.msrs.pdptes = [0x6001, 0x7001, 0, 0x8001];
         prepare_vmcs12(&mut v, &l2, &cpuid_exit(), 0, &l2, &mut m).unwrap();
-        let saved = PDPTE_FIELDS.map(|f| v.get(f));
+        let saved = GUEST_PDPTES.map(|f| v.get(f));
         assert_eq!(saved, [0x6001, 0x7001, 0, 0x8001]);
         // Entry then exit with the registers unchanged reproduces the fields.
         let v02 = prepare_vmcs02(&v, &l1_64(), &m, &AllowAll, &caps()).unwrap();
         let mut again = v.clone();
         prepare_vmcs12(&mut again, &v02.l2, &cpuid_exit(), 0, &l2, &mut m).unwrap();
-        assert_eq!(PDPTE_FIELDS.map(|f| again.get(f)), saved);
+        assert_eq!(GUEST_PDPTES.map(|f| again.get(f)), saved);
     }
 
     #[test]
@@ -2166,7 +2140,7 @@ mod tests {
             }
             v.set(F::GUEST_PDPTE3, 0x1234);
             prepare_vmcs12(&mut v, &state, &cpuid_exit(), 0, &state, &mut m).unwrap();
-            assert_eq!(PDPTE_FIELDS.map(|f| v.get(f)), [0, 0, 0, 0x1234]);
+            assert_eq!(GUEST_PDPTES.map(|f| v.get(f)), [0, 0, 0, 0x1234]);
         }
     }
 

@@ -20,7 +20,7 @@ use crate::controls::{
     intr_info, EntryControls, ExitControls, PinBased, PrimaryProcBased, SecondaryProcBased,
 };
 use crate::field::VmcsField as F;
-use crate::mem::GuestPhysMemory;
+use crate::mem::{GuestPhysMemory, OutOfRange};
 use crate::outcome::VmInstructionError;
 use crate::vmcs::Vmcs12;
 
@@ -1467,6 +1467,36 @@ fn check_vmcs_link_pointer(
     Ok(())
 }
 
+/// GUEST_PDPTE0-3, in order.
+pub const GUEST_PDPTES: [F; 4] = [
+    F::GUEST_PDPTE0,
+    F::GUEST_PDPTE1,
+    F::GUEST_PDPTE2,
+    F::GUEST_PDPTE3,
+];
+
+/// Whether a PAE PDPTE is present and sets a reserved bit: 2:1, 8:5, or
+/// MAXPHYADDR and above, bit 63 included (SDM 4.4.1). The one PDPTE check
+/// for VM entry (27.3.1.6), `nested-exit`'s prepare_vmcs02 and the host
+/// PDPTEs of a VM exit (28.5.4).
+pub fn pdpte_reserved(pdpte: u64, phys_addr_width: u8) -> bool {
+    let width_mask = u64::MAX
+        .checked_shl(u32::from(phys_addr_width))
+        .unwrap_or(0);
+    pdpte & 1 != 0 && pdpte & (0x1e6 | width_mask) != 0
+}
+
+/// Reads the four PAE PDPTEs from the 32-byte table at CR3 bits 31:5
+/// (SDM 4.4.1); an entry outside guest memory is an error.
+pub fn read_pdptes(mem: &dyn GuestPhysMemory, cr3: u64) -> Result<[u64; 4], OutOfRange> {
+    let table = cr3 & 0xffff_ffe0;
+    let mut out = [0u64; 4];
+    for (i, slot) in (0u64..).zip(out.iter_mut()) {
+        *slot = mem.read_u64(table + 8 * i)?;
+    }
+    Ok(out)
+}
+
 /// 27.3.1.6 PDPTEs, for PAE paging outside IA-32e mode: from the VMCS
 /// with EPT, else from guest memory at CR3[31:5].
 fn check_pdptes(
@@ -1480,30 +1510,15 @@ fn check_pdptes(
     if cr0_val & cr0::PG == 0 || cr4_val & cr4::PAE == 0 || c.ia32e_guest() {
         return Ok(());
     }
-    let pdptes: [u64; 4] = if c.secondary.contains(SecondaryProcBased::ENABLE_EPT) {
-        [
-            F::GUEST_PDPTE0,
-            F::GUEST_PDPTE1,
-            F::GUEST_PDPTE2,
-            F::GUEST_PDPTE3,
-        ]
-        .map(|f| v.get(f))
+    let pdptes = if c.secondary.contains(SecondaryProcBased::ENABLE_EPT) {
+        GUEST_PDPTES.map(|f| v.get(f))
     } else {
-        let table = v.get(F::GUEST_CR3) & 0xffff_ffe0;
-        let mut out = [0u64; 4];
-        for (i, slot) in out.iter_mut().enumerate() {
-            *slot = mem
-                .read_u64(table + 8 * i as u64)
-                .map_err(|_| GuestRule::Pdpte)?;
-        }
-        out
+        read_pdptes(mem, v.get(F::GUEST_CR3)).map_err(|_| GuestRule::Pdpte)?
     };
-    // Reserved: bits 2:1, 8:5 and MAXPHYADDR and above (bit 63 included).
-    let width_mask = u64::MAX
-        .checked_shl(u32::from(caps.phys_addr_width))
-        .unwrap_or(0);
-    let reserved = 0x1e6 | width_mask;
-    if pdptes.iter().any(|&e| e & 1 != 0 && e & reserved != 0) {
+    if pdptes
+        .iter()
+        .any(|&e| pdpte_reserved(e, caps.phys_addr_width))
+    {
         return Err(GuestRule::Pdpte);
     }
     Ok(())

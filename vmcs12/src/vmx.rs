@@ -1160,44 +1160,19 @@ mod tests {
         v.set(F::GUEST_CR3, 0x5000);
         v.set(F::GUEST_DR7, 0x400);
         v.set(F::GUEST_IA32_EFER, 0x500);
-        v.set(F::GUEST_CS_SELECTOR, 0x08);
-        v.set(F::GUEST_CS_LIMIT, 0xffff_ffff);
-        v.set(F::GUEST_CS_AR_BYTES, 0xa09b);
-        for (sel, limit, ar) in [
-            (
-                F::GUEST_SS_SELECTOR,
-                F::GUEST_SS_LIMIT,
-                F::GUEST_SS_AR_BYTES,
-            ),
-            (
-                F::GUEST_DS_SELECTOR,
-                F::GUEST_DS_LIMIT,
-                F::GUEST_DS_AR_BYTES,
-            ),
-            (
-                F::GUEST_ES_SELECTOR,
-                F::GUEST_ES_LIMIT,
-                F::GUEST_ES_AR_BYTES,
-            ),
-            (
-                F::GUEST_FS_SELECTOR,
-                F::GUEST_FS_LIMIT,
-                F::GUEST_FS_AR_BYTES,
-            ),
-            (
-                F::GUEST_GS_SELECTOR,
-                F::GUEST_GS_LIMIT,
-                F::GUEST_GS_AR_BYTES,
-            ),
-        ] {
-            v.set(sel, 0x10);
-            v.set(limit, 0xffff_ffff);
-            v.set(ar, 0xc093);
+        use crate::entry::Seg;
+        let mut seg = |s: Seg, sel: u64, limit: u64, ar: u64| {
+            let (fs, _, fl, fa) = s.fields();
+            v.set(fs, sel);
+            v.set(fl, limit);
+            v.set(fa, ar);
+        };
+        seg(Seg::Cs, 0x08, 0xffff_ffff, 0xa09b);
+        for s in [Seg::Ss, Seg::Ds, Seg::Es, Seg::Fs, Seg::Gs] {
+            seg(s, 0x10, 0xffff_ffff, 0xc093);
         }
-        v.set(F::GUEST_TR_SELECTOR, 0x18);
-        v.set(F::GUEST_TR_LIMIT, 0x67);
-        v.set(F::GUEST_TR_AR_BYTES, 0x8b);
-        v.set(F::GUEST_LDTR_AR_BYTES, 0x1_0000);
+        seg(Seg::Tr, 0x18, 0x67, 0x8b);
+        seg(Seg::Ldtr, 0, 0, 0x1_0000);
         v.set(F::GUEST_GDTR_LIMIT, 0x27);
         v.set(F::GUEST_IDTR_LIMIT, 0xfff);
         v.set(F::GUEST_RIP, 0x1000);
