@@ -1,7 +1,6 @@
 //! The command line (`l0-vmm demo | run | fields`) and the in-process
 //! entry points the end-to-end tests use ([`run_kernel`], [`main_with_args`]).
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +13,7 @@ use crate::hv::Vcpu;
 use crate::kvm::{KvmError, KvmVm, SyncPolicy};
 use crate::l1_image;
 use crate::l1_run::{run_l1, Platform, RunConfig, RunReport, EXIT_ERROR};
+pub use crate::l1_run::{ExitConvention, VmxTrapPath};
 use crate::loader::{load_kernel, KernelFormat, LoadError};
 use crate::memory::{GuestRam, MemoryError};
 use crate::msr::VmxMsrHandler;
@@ -54,6 +54,11 @@ pub enum Command {
         /// End the run after SECS seconds.
         #[arg(long, default_value_t = DEFAULT_DEMO_TIMEOUT)]
         timeout: u64,
+        /// How L1's VMX instructions reach L0: KVM emulation-failure exits
+        /// (`emulation`), or a #UD L0 injects, forwarded by L1's handler to
+        /// the trap port 0x0e0e (`ud`).
+        #[arg(long, value_enum, default_value_t = VmxTrapPath::EmulationFailure)]
+        vmx_trap: VmxTrapPath,
     },
     /// Boot a kernel file (Multiboot v1 or ELF64).
     Run {
@@ -69,6 +74,9 @@ pub enum Command {
         /// End the run after SECS seconds.
         #[arg(long)]
         timeout: Option<u64>,
+        /// How L1's VMX instructions reach L0 (see `demo --help`).
+        #[arg(long, value_enum, default_value_t = VmxTrapPath::EmulationFailure)]
+        vmx_trap: VmxTrapPath,
     },
     /// Print the VMCS field catalogue.
     Fields {
@@ -103,7 +111,8 @@ pub enum VmmError {
     BadMem(u64),
 }
 
-/// What to boot and how.
+/// What to boot and how. Build it with `..Default::default()`: fields
+/// may be added.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootOptions {
     /// Guest RAM in MiB.
@@ -112,6 +121,24 @@ pub struct BootOptions {
     pub cmdline: String,
     /// Run timeout.
     pub timeout: Option<Duration>,
+    /// How L1's VMX instructions reach L0.
+    pub vmx_trap: VmxTrapPath,
+    /// How the end of the run maps to [`RunReport::exit_code`].
+    pub exit_convention: ExitConvention,
+}
+
+impl Default for BootOptions {
+    /// 128 MiB, empty command line, no timeout, emulation-failure path,
+    /// QEMU exit codes.
+    fn default() -> Self {
+        Self {
+            mem_mib: DEFAULT_MEM_MIB,
+            cmdline: String::new(),
+            timeout: None,
+            vmx_trap: VmxTrapPath::default(),
+            exit_convention: ExitConvention::default(),
+        }
+    }
 }
 
 /// Boots `image` in a fresh L1 VM (with nesting) and runs it to the end,
@@ -149,6 +176,8 @@ pub fn run_kernel(
     let msr_vm = KvmVm::new_l2(ram.clone())?;
     let mut msr_vcpu = msr_vm.create_vcpu(0)?;
     let mut nested = Nested::new(VmxCpu::new(caps.clone()), l2);
+    // Nested rebuilds the L2 VM's memslots from L1's EPT.
+    nested.attach_l2_vm(l2_vm);
     let mut devices = Devices::new(sink);
     let format = match kernel.format {
         KernelFormat::Multiboot => "Multiboot",
@@ -167,6 +196,8 @@ pub fn run_kernel(
     let cfg = RunConfig {
         timeout: opts.timeout,
         l2_counters: Some(l2_counters),
+        vmx_trap: opts.vmx_trap,
+        exit_convention: opts.exit_convention,
     };
     Ok(run_l1(
         &mut l1,
@@ -245,19 +276,28 @@ where
         }
     };
     init_logging(cli.verbose);
+    let mut sink = sink;
     let result = match cli.command {
         Command::Fields { json } => {
             let text = if json { fields_json() } else { fields_table() };
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{}", text.trim_end());
+            for line in text.lines() {
+                sink.write_line(line);
+            }
             return 0;
         }
-        Command::Demo { test, mem, timeout } => run_kernel(
+        Command::Demo {
+            test,
+            mem,
+            timeout,
+            vmx_trap,
+        } => run_kernel(
             l1_image::L1_GUEST_ELF,
             &BootOptions {
                 mem_mib: mem,
                 cmdline: format!("test={test}"),
                 timeout: Some(Duration::from_secs(timeout)),
+                vmx_trap,
+                exit_convention: ExitConvention::Demo,
             },
             sink,
         ),
@@ -266,6 +306,7 @@ where
             mem,
             cmdline,
             timeout,
+            vmx_trap,
         } => match std::fs::read(&kernel) {
             Ok(image) => run_kernel(
                 &image,
@@ -273,6 +314,8 @@ where
                     mem_mib: mem,
                     cmdline,
                     timeout: timeout.map(Duration::from_secs),
+                    vmx_trap,
+                    exit_convention: ExitConvention::Qemu,
                 },
                 sink,
             ),
@@ -283,7 +326,7 @@ where
         },
     };
     match result {
-        Ok(report) => report.end.exit_code(),
+        Ok(report) => report.exit_code,
         Err(e) => {
             eprintln!("[L0] error: {e}");
             EXIT_ERROR
@@ -362,9 +405,11 @@ mod tests {
                 mem,
                 cmdline,
                 timeout,
+                vmx_trap,
             } => {
                 assert_eq!(kernel, PathBuf::from("k"));
                 assert_eq!((mem, cmdline.as_str(), timeout), (64, "a b", Some(5)));
+                assert_eq!(vmx_trap, VmxTrapPath::EmulationFailure);
             }
             c => panic!("parsed {c:?}"),
         }
@@ -385,8 +430,7 @@ mod tests {
         let sink = || Box::new(CaptureSink::new());
         let opts = |mem| BootOptions {
             mem_mib: mem,
-            cmdline: String::new(),
-            timeout: None,
+            ..Default::default()
         };
         assert!(matches!(
             run_kernel(&[], &opts(3), sink()),
@@ -425,6 +469,7 @@ mod tests {
                 mem_mib: 16,
                 cmdline: "x".into(),
                 timeout: Some(Duration::from_secs(10)),
+                ..Default::default()
             },
             Box::new(cap.clone()),
         )
@@ -450,8 +495,8 @@ mod tests {
             &crate::loader::images::multiboot_kludge(0x10_0000, &code, 0),
             &BootOptions {
                 mem_mib: 16,
-                cmdline: String::new(),
                 timeout: Some(Duration::from_secs(10)),
+                ..Default::default()
             },
             Box::new(CaptureSink::new()),
         )
@@ -471,12 +516,136 @@ mod tests {
             &elf64(0x20_0000, &[0xeb, 0xfe], 0),
             &BootOptions {
                 mem_mib: 16,
-                cmdline: String::new(),
                 timeout: Some(Duration::from_millis(200)),
+                ..Default::default()
             },
             Box::new(cap),
         )
         .unwrap();
         assert_eq!(r.end.exit_code(), crate::l1_run::EXIT_TIMEOUT);
+    }
+
+    #[test]
+    fn test_cli_parses_vmx_trap_path() {
+        let demo = |args: &[&str]| {
+            let mut v = vec!["l0-vmm", "demo"];
+            v.extend_from_slice(args);
+            match Cli::try_parse_from(v).map(|c| c.command) {
+                Ok(Command::Demo { vmx_trap, .. }) => Ok(vmx_trap),
+                Ok(c) => panic!("parsed {c:?}"),
+                Err(e) => Err(e),
+            }
+        };
+        assert_eq!(demo(&[]).unwrap(), VmxTrapPath::EmulationFailure);
+        assert_eq!(
+            demo(&["--vmx-trap", "emulation"]).unwrap(),
+            VmxTrapPath::EmulationFailure
+        );
+        assert_eq!(
+            demo(&["--vmx-trap", "ud"]).unwrap(),
+            VmxTrapPath::InvalidOpcode
+        );
+        assert!(demo(&["--vmx-trap", "int3"]).is_err());
+        assert!(matches!(
+            Cli::try_parse_from(["l0-vmm", "run", "--kernel", "k", "--vmx-trap", "ud"])
+                .unwrap()
+                .command,
+            Command::Run {
+                vmx_trap: VmxTrapPath::InvalidOpcode,
+                ..
+            }
+        ));
+        assert_eq!(
+            BootOptions::default().vmx_trap,
+            VmxTrapPath::EmulationFailure
+        );
+        assert_eq!(BootOptions::default().exit_convention, ExitConvention::Qemu);
+    }
+
+    #[test]
+    fn test_fields_go_through_the_sink() {
+        let cap = CaptureSink::new();
+        assert_eq!(
+            main_with_args(["l0-vmm", "fields"], Box::new(cap.clone())),
+            0
+        );
+        let lines = cap.lines();
+        assert_eq!(lines.len(), VmcsField::COUNT + 1);
+        assert!(lines[0].starts_with("encoding"), "{lines:?}");
+        let cap = CaptureSink::new();
+        assert_eq!(
+            main_with_args(["l0-vmm", "fields", "--json"], Box::new(cap.clone())),
+            0
+        );
+        let v: serde_json::Value = serde_json::from_str(&cap.lines().join("\n")).unwrap();
+        assert_eq!(v.as_array().map(Vec::len), Some(VmcsField::COUNT));
+    }
+
+    /// `l0-vmm demo` in-process: (exit code, lines).
+    fn demo(args: &[&str]) -> (i32, Vec<String>) {
+        let cap = CaptureSink::new();
+        let mut v = vec!["l0-vmm", "demo", "--mem", "32", "--timeout", "30"];
+        v.extend_from_slice(args);
+        (main_with_args(v, Box::new(cap.clone())), cap.lines())
+    }
+
+    /// A count row of the summary (`[L0] NAME ... N`).
+    fn row(lines: &[String], key: &str) -> u64 {
+        lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("[L0] "))
+            .find(|l| l.split_whitespace().next() == Some(key))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn test_demo_exit_code_is_zero_only_when_l1_passes() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let (code, lines) = demo(&[]);
+        assert_eq!(code, 0, "{lines:#?}");
+        assert!(lines
+            .iter()
+            .any(|l| l == "[L1] result test=demo: 6 passed, 0 failed"));
+        assert!(lines.iter().any(|l| l == "[L0] exit code: 0"));
+        assert_eq!(row(&lines, "vmx-trap-port"), 0);
+        // An unknown test mode: L1 writes EXIT_STATUS_FAIL (1) -> 3.
+        let (code, lines) = demo(&["--test", "no-such-test"]);
+        assert_eq!(code, 3, "{lines:#?}");
+    }
+
+    /// `--vmx-trap ud`: every VMX instruction's emulation failure becomes a
+    /// #UD in L1, comes back on the trap port and is emulated from there.
+    #[test]
+    fn test_demo_and_vmx_errors_pass_on_the_ud_trap_path() {
+        if !kvm_or_skip() {
+            return;
+        }
+        for (mode, result) in [
+            ("demo", "[L1] result test=demo: 6 passed, 0 failed"),
+            (
+                "vmx-errors",
+                "[L1] result test=vmx-errors: 41 passed, 0 failed",
+            ),
+        ] {
+            let (code, lines) = demo(&["--test", mode, "--vmx-trap", "ud"]);
+            assert_eq!(code, 0, "{mode}: {lines:#?}");
+            assert!(lines.iter().any(|l| l == result), "{lines:#?}");
+            let injected = row(&lines, "vmx-ud-injected");
+            assert!(injected > 10, "{lines:#?}");
+            assert_eq!(row(&lines, "emulation-failure"), injected, "{lines:#?}");
+            assert_eq!(row(&lines, "vmx-trap-port"), injected, "{lines:#?}");
+            let by_path = lines
+                .iter()
+                .find_map(|l| l.strip_prefix("[L0] VMX instructions by path: "))
+                .expect("by-path line");
+            assert_eq!(
+                by_path,
+                format!("emulation-failure exit 0, #UD trap port {injected}"),
+                "{lines:#?}"
+            );
+        }
     }
 }

@@ -24,7 +24,7 @@ use crate::l1_image::abi;
 use crate::memory::{GuestRam, RamView};
 use crate::msr::VmxMsrHandler;
 use crate::nested::{FlushPending, HostAction, L2Host, Nested, VmxExitOutcome};
-use crate::vmx_emul::{access_linear, Access};
+use crate::vmx_emul::{access_linear, vmx_instruction_at, Access, VmxInstruction};
 
 /// Process exit code when L1 halted with nothing to wake it.
 pub const EXIT_HALTED: i32 = 0;
@@ -34,6 +34,43 @@ pub const EXIT_TRIPLE_FAULT: i32 = 2;
 pub const EXIT_ERROR: i32 = 70;
 /// Process exit code for `--timeout` (as timeout(1)).
 pub const EXIT_TIMEOUT: i32 = 124;
+/// `l0-vmm demo` exit code when L1 ended without writing a status to the
+/// debug-exit port (it halted).
+pub const EXIT_DEMO_NO_STATUS: i32 = 1;
+
+/// The #UD exception vector.
+const UD_VECTOR: u8 = 6;
+
+/// Number of VMX instruction kinds ([`VmxInstruction::ALL`]).
+const VMX_KINDS: usize = VmxInstruction::ALL.len();
+
+/// How L1's VMX instructions reach L0 (both paths are supported; docs/platform.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+pub enum VmxTrapPath {
+    /// This host's native path: KVM cannot emulate the instruction and
+    /// exits with an emulation failure, RIP at it; L0 emulates it there.
+    #[default]
+    #[value(name = "emulation")]
+    EmulationFailure,
+    /// The path of a host whose KVM raises #UD for VMX instructions in the
+    /// guest: L0 turns the emulation failure at a VMX instruction into a
+    /// #UD injected into L1; L1's #UD handler writes its trap frame's
+    /// address to port 0x0e0e, and L0 emulates from the frame.
+    #[value(name = "ud")]
+    InvalidOpcode,
+}
+
+/// How the end of a run maps to the process exit code.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub enum ExitConvention {
+    /// QEMU's isa-debug-exit: [`RunEnd::exit_code`] ((V << 1) | 1 for a
+    /// write of V to port 0xf4).
+    #[default]
+    Qemu,
+    /// `l0-vmm demo`: [`RunEnd::demo_exit_code`] (0 iff L1 wrote its pass
+    /// status 0 to port 0xf4).
+    Demo,
+}
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -62,11 +99,31 @@ impl RunEnd {
         }
     }
 
+    /// The exit code of `l0-vmm demo`: 0 when the guest wrote
+    /// `abi::EXIT_STATUS_PASS` (0) to port 0xf4, non-zero for any other
+    /// status ((V << 1) | 1) and any other end.
+    pub fn demo_exit_code(&self) -> i32 {
+        const PASS: i32 = ((abi::EXIT_STATUS_PASS as i32) << 1) | 1;
+        match self {
+            RunEnd::DebugExit(PASS) => 0,
+            RunEnd::Halted => EXIT_DEMO_NO_STATUS,
+            other => other.exit_code(),
+        }
+    }
+
+    /// The exit code under `convention`.
+    pub fn exit_code_for(&self, convention: ExitConvention) -> i32 {
+        match convention {
+            ExitConvention::Qemu => self.exit_code(),
+            ExitConvention::Demo => self.demo_exit_code(),
+        }
+    }
+
     /// One line describing the end.
     pub fn describe(&self) -> String {
         match self {
             RunEnd::DebugExit(c) => format!(
-                "debug exit: guest wrote {:#x} to port 0xf4, exit code {c}",
+                "debug exit: guest wrote {:#x} to port 0xf4",
                 (*c as u32) >> 1
             ),
             RunEnd::Halted => "L1 halted with nothing to wake it (no interrupt sources)".into(),
@@ -86,6 +143,9 @@ pub struct RunStats {
     pub l2_exits: Vec<(u16, String, u64, u64)>,
     /// Trapped VMX instructions by mnemonic.
     pub vmx_instructions: Vec<(String, u64)>,
+    /// Trapped VMX instructions by mnemonic and by the path they reached
+    /// L0 on (every instruction counted once, on the path L0 emulated it).
+    pub vmx_by_path: Vec<VmxPathRow>,
     /// L1 vCPU ioctls.
     pub l1_ioctls: IoctlCounters,
     /// L2 vCPU ioctls (when L2 ran on a vCPU whose counters L0 can read).
@@ -96,6 +156,17 @@ pub struct RunStats {
     pub unhandled_ports: BTreeMap<u16, u64>,
 }
 
+/// One VMX instruction kind, by trap path.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VmxPathRow {
+    /// Mnemonic (`vmxon`, ...).
+    pub name: String,
+    /// Emulated at a KVM emulation-failure exit of L1.
+    pub emulation_failure: u64,
+    /// Emulated from a trap frame L1's #UD handler sent to port 0x0e0e.
+    pub trap_port: u64,
+}
+
 /// The result of a run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RunReport {
@@ -103,6 +174,8 @@ pub struct RunReport {
     pub end: RunEnd,
     /// Counters.
     pub stats: RunStats,
+    /// The process exit code (`end` under the run's [`ExitConvention`]).
+    pub exit_code: i32,
 }
 
 /// Run options.
@@ -112,6 +185,10 @@ pub struct RunConfig {
     pub timeout: Option<Duration>,
     /// Reads the L2 vCPU's ioctl counters for the summary.
     pub l2_counters: Option<crate::kvm::CounterHandle>,
+    /// The path L1's VMX instructions take to L0.
+    pub vmx_trap: VmxTrapPath,
+    /// How the end maps to the exit code.
+    pub exit_convention: ExitConvention,
 }
 
 /// Source of MSR values for L2 accesses L1 does not intercept (the L2 VM
@@ -299,6 +376,7 @@ pub fn summary_lines(report: &RunReport) -> Vec<String> {
     let mut out = vec![
         "---- run summary ----".to_string(),
         format!("end: {}", report.end.describe()),
+        format!("exit code: {}", report.exit_code),
         format!("wall time: {:.3} s", s.wall.as_secs_f64()),
         format!(
             "L1 vCPU ioctls: KVM_RUN {}, other {}",
@@ -323,9 +401,23 @@ pub fn summary_lines(report: &RunReport) -> Vec<String> {
         }
     }
     if !s.vmx_instructions.is_empty() {
-        out.push(format!("{:<24} {:>10}", "VMX instruction", "trapped"));
+        let (ef, tp) = s.vmx_by_path.iter().fold((0, 0), |(a, b), r| {
+            (a + r.emulation_failure, b + r.trap_port)
+        });
+        out.push(format!(
+            "VMX instructions by path: emulation-failure exit {ef}, #UD trap port {tp}"
+        ));
+        out.push(format!(
+            "{:<16} {:>8} {:>18} {:>18}",
+            "VMX instruction", "trapped", "emulation-failure", "#UD trap port"
+        ));
         for (k, n) in &s.vmx_instructions {
-            out.push(format!("{k:<24} {n:>10}"));
+            let (ef, tp) = s
+                .vmx_by_path
+                .iter()
+                .find(|r| r.name == *k)
+                .map_or((0, 0), |r| (r.emulation_failure, r.trap_port));
+            out.push(format!("{k:<16} {n:>8} {ef:>18} {tp:>18}"));
         }
     }
     for (p, n) in &s.unhandled_ports {
@@ -336,6 +428,53 @@ pub fn summary_lines(report: &RunReport) -> Vec<String> {
 
 fn bump(m: &mut BTreeMap<&'static str, u64>, k: &'static str) {
     *m.entry(k).or_insert(0) += 1;
+}
+
+/// When a run must end: the watchdog fired or the timeout passed.
+struct Deadline {
+    watchdog: Option<Watchdog>,
+    timeout: Option<Duration>,
+    start: Instant,
+}
+
+impl Deadline {
+    fn expired(&self) -> bool {
+        self.watchdog.as_ref().is_some_and(|w| w.fired())
+            || self.timeout.is_some_and(|t| self.start.elapsed() >= t)
+    }
+}
+
+/// VMX instructions emulated on each path, by [`VmxInstruction::index`].
+#[derive(Debug, Default)]
+struct PathCounts {
+    emulation_failure: [u64; VMX_KINDS],
+    trap_port: [u64; VMX_KINDS],
+}
+
+impl PathCounts {
+    /// Adds what `n` counted since `before` to `path`.
+    fn add<L2: FlushPending>(
+        path: &mut [u64; VMX_KINDS],
+        before: &[u64; VMX_KINDS],
+        n: &Nested<L2>,
+    ) {
+        let after = &n.stats().vmx_instructions;
+        for ((p, b), a) in path.iter_mut().zip(before).zip(after) {
+            *p += a.saturating_sub(*b);
+        }
+    }
+
+    fn rows(&self) -> Vec<VmxPathRow> {
+        VmxInstruction::ALL
+            .iter()
+            .map(|k| VmxPathRow {
+                name: k.name().to_string(),
+                emulation_failure: self.emulation_failure[k.index()],
+                trap_port: self.trap_port[k.index()],
+            })
+            .filter(|r| r.emulation_failure + r.trap_port > 0)
+            .collect()
+    }
 }
 
 /// Runs L1 until it ends; prints the end and the summary through the
@@ -349,16 +488,20 @@ pub fn run_l1<V: Vcpu, L2: FlushPending>(
     platform: &mut Platform<'_>,
     cfg: &RunConfig,
 ) -> RunReport {
-    let start = Instant::now();
-    let watchdog = cfg.timeout.and_then(Watchdog::start);
-    let mut stats = RunStats::default();
-    let mut warned_trap_port = false;
-    let timed_out = |wd: &Option<Watchdog>| {
-        wd.as_ref().is_some_and(|w| w.fired()) || cfg.timeout.is_some_and(|t| start.elapsed() >= t)
+    let deadline = Deadline {
+        watchdog: cfg.timeout.and_then(Watchdog::start),
+        timeout: cfg.timeout,
+        start: Instant::now(),
     };
+    let mut stats = RunStats::default();
+    let mut paths = PathCounts::default();
+    let mut warned_trap_port = false;
+    // RIP of a VMX instruction the emulation path answered with #UD: when
+    // L1's #UD handler offers it on the trap port, it is genuine.
+    let mut decided_ud: Option<u64> = None;
     let end = loop {
-        if timed_out(&watchdog) {
-            break RunEnd::Timeout(start.elapsed());
+        if deadline.expired() {
+            break RunEnd::Timeout(deadline.start.elapsed());
         }
         let exit = match l1.run() {
             Ok(e) => e,
@@ -378,10 +521,12 @@ pub fn run_l1<V: Vcpu, L2: FlushPending>(
                         }
                         continue;
                     };
-                    match trap_exit(n, l1, u64::from(data), ram, platform, &watchdog, cfg, start) {
-                        Ok(None) => {}
-                        Ok(Some(end)) => break end,
-                        Err(m) => break RunEnd::Error(m),
+                    let before = n.stats().vmx_instructions;
+                    let genuine = decided_ud.take();
+                    let r = trap_exit(n, l1, u64::from(data), genuine, ram, platform, &deadline);
+                    PathCounts::add(&mut paths.trap_port, &before, n);
+                    if let Err(end) = r {
+                        break end;
                     }
                     continue;
                 }
@@ -437,15 +582,31 @@ pub fn run_l1<V: Vcpu, L2: FlushPending>(
             }
             VmExit::EmulationFailure { insn_bytes } => {
                 bump(&mut stats.l1_exits, "emulation-failure");
+                decided_ud = None;
                 let Some(n) = nested.as_deref_mut() else {
                     break RunEnd::Error(format!(
                         "L1 executed an instruction KVM cannot run (bytes {insn_bytes:02x?}) and nesting is off"
                     ));
                 };
-                match vmx_exit(n, l1, &insn_bytes, ram, platform, &watchdog, cfg, start) {
-                    Ok(None) => {}
-                    Ok(Some(end)) => break end,
-                    Err(m) => break RunEnd::Error(m),
+                if cfg.vmx_trap == VmxTrapPath::InvalidOpcode {
+                    match inject_ud_at_vmx(l1, &insn_bytes, ram) {
+                        Ok(true) => {
+                            bump(&mut stats.l1_exits, "vmx-ud-injected");
+                            continue;
+                        }
+                        Ok(false) => {}
+                        Err(m) => break RunEnd::Error(m),
+                    }
+                }
+                let before = n.stats().vmx_instructions;
+                let _ = n.take_last_fault();
+                let r = vmx_exit(n, l1, &insn_bytes, ram, platform, &deadline);
+                PathCounts::add(&mut paths.emulation_failure, &before, n);
+                decided_ud = n
+                    .take_last_fault()
+                    .and_then(|(rip, v)| (v == UD_VECTOR).then_some(rip));
+                if let Err(end) = r {
+                    break end;
                 }
             }
             VmExit::InternalError { suberror } => {
@@ -472,9 +633,10 @@ pub fn run_l1<V: Vcpu, L2: FlushPending>(
             }
         }
     };
-    drop(watchdog);
+    let wall = deadline.start.elapsed();
+    drop(deadline);
     platform.devices.console.flush();
-    stats.wall = start.elapsed();
+    stats.wall = wall;
     stats.l1_ioctls = l1.counters();
     stats.l2_ioctls = cfg.l2_counters.as_ref().map(|h| h.get());
     stats.unhandled_ports = platform.devices.unhandled.clone();
@@ -490,12 +652,40 @@ pub fn run_l1<V: Vcpu, L2: FlushPending>(
             .into_iter()
             .map(|(k, c)| (k.to_string(), c))
             .collect();
+        stats.vmx_by_path = paths.rows();
     }
-    let report = RunReport { end, stats };
+    let exit_code = end.exit_code_for(cfg.exit_convention);
+    let report = RunReport {
+        end,
+        stats,
+        exit_code,
+    };
     for l in summary_lines(&report) {
         platform.devices.console.l0_line(&l);
     }
     report
+}
+
+/// `--vmx-trap ud`: when the instruction KVM could not emulate is a VMX
+/// instruction, injects #UD into L1 at it, as a KVM without nested VMX
+/// does, and returns true. VMCALL is left to the emulation path (on such a
+/// host it is a hypercall, not a #UD).
+fn inject_ud_at_vmx<V: Vcpu>(
+    l1: &mut V,
+    insn_bytes: &[u8],
+    ram: &GuestRam,
+) -> Result<bool, String> {
+    let state = l1
+        .get_state()
+        .map_err(|e| format!("reading L1's state failed: {e}"))?;
+    match vmx_instruction_at(&state, insn_bytes, &mut RamView(ram)) {
+        None | Some(VmxInstruction::Vmcall) => Ok(false),
+        Some(_) => {
+            l1.inject_exception(UD_VECTOR, None)
+                .map_err(|e| format!("injecting #UD into L1 failed: {e}"))?;
+            Ok(true)
+        }
+    }
 }
 
 /// GPRs in the trap frame, in frame order, with their VMX register numbers.
@@ -520,6 +710,9 @@ const FRAME_GPRS: [(u64, usize); 15] = [
 /// Number of u64 slots in a trap frame.
 const FRAME_WORDS: usize = (abi::trap_frame::SIZE / 8) as usize;
 
+/// A trap frame as bytes in L1's memory.
+type FrameBytes = [u8; FRAME_WORDS * 8];
+
 /// What became of the instruction a trap frame describes.
 #[derive(Debug, Clone, PartialEq)]
 enum TrapResult {
@@ -529,8 +722,14 @@ enum TrapResult {
     Emulated(Box<VcpuState>),
     /// L1's whole state was replaced (a VM exit to L1's host state).
     Replaced,
-    /// The instruction faults (vector, error code).
-    Fault(u8, Option<u32>),
+    /// The instruction raises #UD: L1's handler treats its #UD as genuine.
+    GenuineUd,
+    /// The instruction raises this fault (vector, error code): L1's #UD
+    /// handler was unwound and the fault injected at the instruction.
+    Injected(u8, Option<u32>),
+    /// The instruction raises this fault, but the handler's frame cannot
+    /// be unwound (its CS/SS differ from the handler's): L1 sees #UD.
+    NotDeliverable(u8, Option<u32>),
 }
 
 /// L1's vCPU as seen at the instruction that raised the #UD described by
@@ -539,6 +738,9 @@ enum TrapResult {
 /// (same control registers and segments, same RSP, RIP 1-15 bytes further)
 /// is kept for the frame; anything else (a VM exit loading L1's host
 /// state) goes to the real vCPU, and L1 never returns to its handler.
+/// A fault other than #UD unwinds the handler: L1's vCPU gets the frame's
+/// state back and the fault is injected there, as the CPU would have
+/// delivered it instead of the #UD.
 struct TrapFrameVcpu<'a, V: Vcpu> {
     l1: &'a mut V,
     frame: [u64; FRAME_WORDS],
@@ -561,6 +763,13 @@ impl<V: Vcpu> TrapFrameVcpu<'_, V> {
             && n.cs == g.cs
             && n.ss == g.ss
             && n.msrs.efer == g.msrs.efer
+    }
+
+    /// Whether the frame's state can be loaded into L1's vCPU as is: the
+    /// #UD did not change CS or SS (same privilege level).
+    fn unwindable(&self, g: &VcpuState) -> bool {
+        self.field(abi::trap_frame::CS) == u64::from(g.cs.selector)
+            && self.field(abi::trap_frame::SS) == u64::from(g.ss.selector)
     }
 }
 
@@ -613,7 +822,21 @@ impl<V: Vcpu> Vcpu for TrapFrameVcpu<'_, V> {
     }
 
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), V::Error> {
-        self.result = TrapResult::Fault(vector, error_code);
+        if vector == UD_VECTOR {
+            self.result = TrapResult::GenuineUd;
+            return Ok(());
+        }
+        let Some(g) = self.given.filter(|g| self.unwindable(g)) else {
+            self.result = TrapResult::NotDeliverable(vector, error_code);
+            return Ok(());
+        };
+        // A #PF comes with a set_state (CR2) that already replaced L1's
+        // state with the frame's; otherwise unwind here.
+        if self.result != TrapResult::Replaced {
+            self.l1.set_state(&g)?;
+        }
+        self.l1.inject_exception(vector, error_code)?;
+        self.result = TrapResult::Injected(vector, error_code);
         Ok(())
     }
 
@@ -642,62 +865,63 @@ fn l1_linear<V: Vcpu>(
     }
 }
 
-/// L1's #UD trap port: emulates the VMX instruction the frame at
-/// `frame_addr` describes and, when it completes in place, writes the
-/// registers back into the frame with status EMULATED (L1 then IRETQs past
-/// it). `Ok(None)` continues L1.
-#[allow(clippy::too_many_arguments)]
-fn trap_exit<V: Vcpu, L2: FlushPending>(
-    n: &mut Nested<L2>,
-    l1: &mut V,
-    frame_addr: u64,
-    ram: &GuestRam,
-    platform: &mut Platform<'_>,
-    watchdog: &Option<Watchdog>,
-    cfg: &RunConfig,
-    start: Instant,
-) -> Result<Option<RunEnd>, String> {
-    let mut raw = [0u8; FRAME_WORDS * 8];
-    if let Err(m) = l1_linear(l1, ram, frame_addr, &mut raw, Access::Read) {
-        platform
-            .devices
-            .console
-            .l0_line(&format!("{m}: L1 sees a genuine #UD"));
-        return Ok(None);
-    }
+fn frame_from_bytes(raw: &FrameBytes) -> [u64; FRAME_WORDS] {
     let mut frame = [0u64; FRAME_WORDS];
     for (slot, chunk) in frame.iter_mut().zip(raw.chunks_exact(8)) {
         let mut b = [0u8; 8];
         b.copy_from_slice(chunk);
         *slot = u64::from_le_bytes(b);
     }
+    frame
+}
+
+fn frame_to_bytes(frame: &[u64; FRAME_WORDS]) -> FrameBytes {
+    let mut raw = [0u8; FRAME_WORDS * 8];
+    for (chunk, v) in raw.chunks_exact_mut(8).zip(frame) {
+        chunk.copy_from_slice(&v.to_le_bytes());
+    }
+    raw
+}
+
+/// L1's #UD trap port: emulates the VMX instruction the frame at
+/// `frame_addr` describes and, when it completes in place, writes the
+/// registers back into the frame with status EMULATED (L1 then IRETQs past
+/// it). `genuine_at` is the RIP of an instruction L0 already answered with
+/// #UD on the emulation path: that frame is left alone (status 0).
+/// `Err(end)` ends the run.
+fn trap_exit<V: Vcpu, L2: FlushPending>(
+    n: &mut Nested<L2>,
+    l1: &mut V,
+    frame_addr: u64,
+    genuine_at: Option<u64>,
+    ram: &GuestRam,
+    platform: &mut Platform<'_>,
+    deadline: &Deadline,
+) -> Result<(), RunEnd> {
+    let mut raw: FrameBytes = [0u8; FRAME_WORDS * 8];
+    if let Err(m) = l1_linear(l1, ram, frame_addr, &mut raw, Access::Read) {
+        platform
+            .devices
+            .console
+            .l0_line(&format!("{m}: L1 sees a genuine #UD"));
+        return Ok(());
+    }
+    let frame = frame_from_bytes(&raw);
     let mut tv = TrapFrameVcpu {
         l1,
         frame,
         given: None,
         result: TrapResult::Untouched,
     };
-    let mut mem = RamView(ram);
-    let mut outcome = n
-        .handle_vmx_exit(&mut tv, &[], &mut mem, platform)
-        .map_err(|e| e.to_string())?;
-    let end = loop {
-        match outcome {
-            VmxExitOutcome::Continue | VmxExitOutcome::NotVmx(_) => break None,
-            VmxExitOutcome::Stop(code) => break Some(RunEnd::DebugExit(code)),
-            VmxExitOutcome::L2Interrupted => {
-                let timed_out = watchdog.as_ref().is_some_and(|w| w.fired())
-                    || cfg.timeout.is_some_and(|t| start.elapsed() >= t);
-                if timed_out {
-                    break Some(RunEnd::Timeout(start.elapsed()));
-                }
-                outcome = n
-                    .continue_l2(&mut tv, &mut mem, platform)
-                    .map_err(|e| e.to_string())?;
-            }
-        }
-    };
     let rip = tv.field(abi::trap_frame::RIP);
+    if genuine_at == Some(rip) {
+        return Ok(());
+    }
+    let mut mem = RamView(ram);
+    let r = n
+        .handle_vmx_exit(&mut tv, &[], &mut mem, platform)
+        .map_err(|e| RunEnd::Error(e.to_string()))
+        .and_then(|o| settle(n, &mut tv, o, &mut mem, platform, deadline));
     let TrapFrameVcpu {
         l1, frame, result, ..
     } = tv;
@@ -715,67 +939,75 @@ fn trap_exit<V: Vcpu, L2: FlushPending>(
             put(abi::trap_frame::RIP, s.rip);
             put(abi::trap_frame::RFLAGS, s.rflags);
             put(abi::trap_frame::STATUS, abi::TRAP_STATUS_EMULATED);
-            let mut raw = [0u8; FRAME_WORDS * 8];
-            for (chunk, v) in raw.chunks_exact_mut(8).zip(f) {
-                chunk.copy_from_slice(&v.to_le_bytes());
-            }
-            l1_linear(l1, ram, frame_addr, &mut raw, Access::Write)?;
+            l1_linear(l1, ram, frame_addr, &mut frame_to_bytes(&f), Access::Write)
+                .map_err(RunEnd::Error)?;
         }
-        TrapResult::Fault(vector, code) => {
-            // The fault belongs to the instruction, but L1 is inside its #UD
-            // handler now: the status stays NOT_HANDLED (L1 reports a #UD);
-            // say what the instruction would have raised.
+        TrapResult::NotDeliverable(vector, code) => {
             platform.devices.console.l0_line(&format!(
-                "VMX instruction at {rip:#x} (via L1's #UD trap) raises vector {vector} (error code {code:?}); L1 sees #UD"
+                "VMX instruction at {rip:#x} (via L1's #UD trap) raises vector {vector} (error code {code:?}), but L1's #UD frame cannot be unwound (CS/SS changed); L1 sees #UD"
             ));
         }
-        TrapResult::Untouched | TrapResult::Replaced => {}
+        TrapResult::Injected(vector, code) => {
+            tracing::debug!(rip, vector, ?code, "trap-port VMX fault injected into L1");
+        }
+        TrapResult::Untouched | TrapResult::Replaced | TrapResult::GenuineUd => {}
     }
-    Ok(end)
+    r.and_then(|o| match o {
+        VmxExitOutcome::Stop(code) => Err(RunEnd::DebugExit(code)),
+        _ => Ok(()),
+    })
 }
 
-/// One trapped VMX instruction: `Ok(None)` continues L1.
-#[allow(clippy::too_many_arguments)]
+/// Follows a VMX instruction's outcome through signals that interrupted
+/// L2 (`continue_l2`), until it is final; `Err(end)` on a timeout or an
+/// error.
+fn settle<V: Vcpu, L2: FlushPending>(
+    n: &mut Nested<L2>,
+    l1: &mut V,
+    mut outcome: VmxExitOutcome,
+    mem: &mut RamView<'_>,
+    platform: &mut Platform<'_>,
+    deadline: &Deadline,
+) -> Result<VmxExitOutcome, RunEnd> {
+    while outcome == VmxExitOutcome::L2Interrupted {
+        if deadline.expired() {
+            return Err(RunEnd::Timeout(deadline.start.elapsed()));
+        }
+        outcome = n
+            .continue_l2(l1, mem, platform)
+            .map_err(|e| RunEnd::Error(e.to_string()))?;
+    }
+    Ok(outcome)
+}
+
+/// One trapped VMX instruction (emulation-failure path); `Err(end)` ends
+/// the run.
 fn vmx_exit<V: Vcpu, L2: FlushPending>(
     n: &mut Nested<L2>,
     l1: &mut V,
     insn_bytes: &[u8],
     ram: &GuestRam,
     platform: &mut Platform<'_>,
-    watchdog: &Option<Watchdog>,
-    cfg: &RunConfig,
-    start: Instant,
-) -> Result<Option<RunEnd>, String> {
+    deadline: &Deadline,
+) -> Result<(), RunEnd> {
     let mut mem = RamView(ram);
-    let mut outcome = n
+    let outcome = n
         .handle_vmx_exit(l1, insn_bytes, &mut mem, platform)
-        .map_err(|e| e.to_string())?;
-    loop {
-        match outcome {
-            VmxExitOutcome::Continue => return Ok(None),
-            VmxExitOutcome::Stop(code) => return Ok(Some(RunEnd::DebugExit(code))),
-            VmxExitOutcome::NotVmx(e) => {
-                let rip = l1.get_state().map(|s| s.rip).unwrap_or(u64::MAX);
-                let where_ = if rip >= ram.size() {
-                    " (RIP is outside guest RAM: L1 jumped to unmapped memory)"
-                } else {
-                    ""
-                };
-                return Err(format!(
-                    "KVM could not emulate L1's instruction at RIP {rip:#x}{where_} (bytes {insn_bytes:02x?}) and it is not a VMX instruction: {e}"
-                ));
-            }
-            VmxExitOutcome::L2Interrupted => {
-                let timed_out = watchdog.as_ref().is_some_and(|w| w.fired())
-                    || cfg.timeout.is_some_and(|t| start.elapsed() >= t);
-                if timed_out {
-                    return Ok(Some(RunEnd::Timeout(start.elapsed())));
-                }
-                outcome = n
-                    .continue_l2(l1, &mut mem, platform)
-                    .map_err(|e| e.to_string())?;
-            }
+        .map_err(|e| RunEnd::Error(e.to_string()))?;
+    match settle(n, l1, outcome, &mut mem, platform, deadline)? {
+        VmxExitOutcome::Stop(code) => Err(RunEnd::DebugExit(code)),
+        VmxExitOutcome::NotVmx(e) => {
+            let rip = l1.get_state().map(|s| s.rip).unwrap_or(u64::MAX);
+            let where_ = if rip >= ram.size() {
+                " (RIP is outside guest RAM: L1 jumped to unmapped memory)"
+            } else {
+                ""
+            };
+            Err(RunEnd::Error(format!(
+                "KVM could not emulate L1's instruction at RIP {rip:#x}{where_} (bytes {insn_bytes:02x?}) and it is not a VMX instruction: {e}"
+            )))
         }
+        VmxExitOutcome::Continue | VmxExitOutcome::L2Interrupted => Ok(()),
     }
 }
 
@@ -794,7 +1026,10 @@ mod tests {
         io_in: Vec<u32>,
         rdmsr: Vec<Option<u64>>,
         wrmsr: Vec<bool>,
+        injected: Vec<(u8, Option<u32>)>,
         runs: u64,
+        /// Sleep this long in each `run` (timeout tests).
+        delay: Duration,
     }
 
     #[derive(Debug, thiserror::Error)]
@@ -804,6 +1039,7 @@ mod tests {
     impl Vcpu for Scripted {
         type Error = Exhausted;
         fn run(&mut self) -> Result<VmExit, Exhausted> {
+            std::thread::sleep(self.delay);
             self.runs += 1;
             self.exits.pop_front().ok_or(Exhausted)
         }
@@ -824,7 +1060,8 @@ mod tests {
         fn complete_wrmsr(&mut self, ok: bool) {
             self.wrmsr.push(ok);
         }
-        fn inject_exception(&mut self, _: u8, _: Option<u32>) -> Result<(), Exhausted> {
+        fn inject_exception(&mut self, v: u8, e: Option<u32>) -> Result<(), Exhausted> {
+            self.injected.push((v, e));
             Ok(())
         }
         fn counters(&self) -> IoctlCounters {
@@ -835,28 +1072,42 @@ mod tests {
         }
     }
 
-    fn run(exits: Vec<VmExit>, cfg: RunConfig) -> (RunReport, Scripted, Vec<String>) {
+    /// As an L2 vCPU, a `Scripted` without exits fails every `run`.
+    impl FlushPending for Scripted {
+        fn flush_pending(&mut self) -> Result<(), Exhausted> {
+            Ok(())
+        }
+    }
+
+    /// Runs `l1` on a platform with `caps`' VMX MSRs and no other MSRs;
+    /// returns the report and the printed lines.
+    fn run_on(
+        l1: &mut Scripted,
+        nested: Option<&mut Nested<Scripted>>,
+        ram: &GuestRam,
+        caps: VmxCapabilities,
+        cfg: &RunConfig,
+    ) -> (RunReport, Vec<String>) {
         let cap = CaptureSink::new();
         let mut devices = Devices::new(Box::new(cap.clone()));
-        let msrs = VmxMsrHandler::new(VmxCapabilities::default());
+        let msrs = VmxMsrHandler::new(caps);
         let mut platform = Platform {
             devices: &mut devices,
             vmx_msrs: &msrs,
             msrs: None,
         };
+        let r = run_l1(l1, nested, ram, &mut platform, cfg);
+        (r, cap.lines())
+    }
+
+    fn run(exits: Vec<VmExit>, cfg: RunConfig) -> (RunReport, Scripted, Vec<String>) {
         let ram = GuestRam::new(2 << 20).unwrap();
         let mut v = Scripted {
             exits: exits.into(),
             ..Default::default()
         };
-        let r = run_l1(
-            &mut v,
-            None::<&mut Nested<crate::kvm::KvmVcpu>>,
-            &ram,
-            &mut platform,
-            &cfg,
-        );
-        (r, v, cap.lines())
+        let (r, lines) = run_on(&mut v, None, &ram, VmxCapabilities::default(), &cfg);
+        (r, v, lines)
     }
 
     fn out(port: u16, b: u8) -> VmExit {
@@ -956,63 +1207,18 @@ mod tests {
 
     #[test]
     fn test_run_times_out() {
-        let exits = vec![VmExit::Interrupted; 1_000_000];
         let t = Duration::from_millis(30);
-        let cap = CaptureSink::new();
-        let mut devices = Devices::new(Box::new(cap.clone()));
-        let msrs = VmxMsrHandler::new(VmxCapabilities::default());
-        let mut platform = Platform {
-            devices: &mut devices,
-            vmx_msrs: &msrs,
-            msrs: None,
-        };
         let ram = GuestRam::new(2 << 20).unwrap();
-        struct Slow(Scripted);
-        impl Vcpu for Slow {
-            type Error = Exhausted;
-            fn run(&mut self) -> Result<VmExit, Exhausted> {
-                std::thread::sleep(Duration::from_millis(1));
-                self.0.run()
-            }
-            fn get_state(&mut self) -> Result<VcpuState, Exhausted> {
-                self.0.get_state()
-            }
-            fn set_state(&mut self, s: &VcpuState) -> Result<(), Exhausted> {
-                self.0.set_state(s)
-            }
-            fn complete_io_in(&mut self, d: u32) {
-                self.0.complete_io_in(d)
-            }
-            fn complete_mmio_read(&mut self, d: &[u8]) {
-                self.0.complete_mmio_read(d)
-            }
-            fn complete_rdmsr(&mut self, v: Option<u64>) {
-                self.0.complete_rdmsr(v)
-            }
-            fn complete_wrmsr(&mut self, ok: bool) {
-                self.0.complete_wrmsr(ok)
-            }
-            fn inject_exception(&mut self, v: u8, e: Option<u32>) -> Result<(), Exhausted> {
-                self.0.inject_exception(v, e)
-            }
-            fn counters(&self) -> IoctlCounters {
-                self.0.counters()
-            }
-        }
-        let mut v = Slow(Scripted {
-            exits: exits.into(),
+        let mut v = Scripted {
+            exits: vec![VmExit::Interrupted; 1_000_000].into(),
+            delay: Duration::from_millis(1),
             ..Default::default()
-        });
-        let r = run_l1(
-            &mut v,
-            None::<&mut Nested<crate::kvm::KvmVcpu>>,
-            &ram,
-            &mut platform,
-            &RunConfig {
-                timeout: Some(t),
-                l2_counters: None,
-            },
-        );
+        };
+        let cfg = RunConfig {
+            timeout: Some(t),
+            ..Default::default()
+        };
+        let (r, _) = run_on(&mut v, None, &ram, VmxCapabilities::default(), &cfg);
         assert!(matches!(r.end, RunEnd::Timeout(d) if d >= t));
         assert_eq!(r.end.exit_code(), EXIT_TIMEOUT);
     }
@@ -1037,95 +1243,85 @@ mod tests {
         assert_eq!(cap.lines(), vec!["[L2] L2 via 0xe9"]);
     }
 
-    /// An L2 vCPU that must never run (the trap test does not enter L2).
-    #[derive(Debug, Default)]
-    struct NoL2(Scripted);
+    const FRAME: u64 = 0x40_0000;
 
-    impl Vcpu for NoL2 {
-        type Error = Exhausted;
-        fn run(&mut self) -> Result<VmExit, Exhausted> {
-            Err(Exhausted)
-        }
-        fn get_state(&mut self) -> Result<VcpuState, Exhausted> {
-            self.0.get_state()
-        }
-        fn set_state(&mut self, s: &VcpuState) -> Result<(), Exhausted> {
-            self.0.set_state(s)
-        }
-        fn complete_io_in(&mut self, _: u32) {}
-        fn complete_mmio_read(&mut self, _: &[u8]) {}
-        fn complete_rdmsr(&mut self, _: Option<u64>) {}
-        fn complete_wrmsr(&mut self, _: bool) {}
-        fn inject_exception(&mut self, _: u8, _: Option<u32>) -> Result<(), Exhausted> {
-            Ok(())
-        }
-        fn counters(&self) -> IoctlCounters {
-            IoctlCounters::default()
+    fn trap_port_exit() -> VmExit {
+        VmExit::IoOut {
+            port: abi::VMX_TRAP_PORT,
+            size: 4,
+            data: FRAME as u32,
         }
     }
 
-    impl FlushPending for NoL2 {
-        fn flush_pending(&mut self) -> Result<(), Exhausted> {
-            Ok(())
-        }
-    }
-
-    /// L1 in 64-bit mode (identity paging) whose #UD handler reports a
-    /// frame for `insn` at 0x20_0000 through the trap port.
-    fn trap_run(insn: &[u8], rax: u64) -> (RunReport, GuestRam, Vec<String>) {
+    /// L1 in 64-bit mode (identity paging) at `insn` (0x20_0000) with RAX =
+    /// `rax`, whose #UD handler has a frame for that instruction at
+    /// 0x40_0000 (CS/SS `cs_ss`); L1 makes the `exits`, then writes 0 to
+    /// port 0xf4.
+    fn trap_run_with(
+        insn: &[u8],
+        rax: u64,
+        cs_ss: (u64, u64),
+        exits: Vec<VmExit>,
+        cfg: RunConfig,
+    ) -> (RunReport, GuestRam, Scripted, Vec<String>) {
         use crate::loader::{images::elf64, load_kernel};
         use vmcs12::GuestPhysMemory;
         let ram = GuestRam::new(16 << 20).unwrap();
         let k = load_kernel(&ram, &elf64(0x20_0000, insn, 0x10), "").unwrap();
-        let state = k.entry_state(&VcpuState::default());
+        let mut state = k.entry_state(&VcpuState::default());
+        state.gprs.regs[0] = rax;
         let caps = VmxCapabilities::default();
         let mut m = RamView(&ram);
         // VMXON region with the right revision id.
         m.write_u32(0x30_0000, caps.vmcs_revision_id()).unwrap();
         // The VMXON operand: a pointer to the region.
         m.write_u64(0x31_0000, 0x30_0000).unwrap();
-        let frame = 0x40_0000u64;
-        m.write_u64(frame + abi::trap_frame::RAX, rax).unwrap();
-        m.write_u64(frame + abi::trap_frame::RIP, 0x20_0000)
-            .unwrap();
-        m.write_u64(frame + abi::trap_frame::RFLAGS, 0x2 | 0x41)
-            .unwrap();
-        m.write_u64(frame + abi::trap_frame::RSP, 0x7_0000).unwrap();
-        m.write_u64(frame + abi::trap_frame::VECTOR, 6).unwrap();
-        let cap = CaptureSink::new();
-        let mut devices = Devices::new(Box::new(cap.clone()));
-        let msrs = VmxMsrHandler::new(caps.clone());
-        let mut platform = Platform {
-            devices: &mut devices,
-            vmx_msrs: &msrs,
-            msrs: None,
-        };
+        for (off, v) in [
+            (abi::trap_frame::RAX, rax),
+            (abi::trap_frame::RIP, 0x20_0000),
+            (abi::trap_frame::CS, cs_ss.0),
+            (abi::trap_frame::RFLAGS, 0x2 | 0x41),
+            (abi::trap_frame::RSP, 0x7_0000),
+            (abi::trap_frame::SS, cs_ss.1),
+            (abi::trap_frame::VECTOR, 6),
+        ] {
+            m.write_u64(FRAME + off, v).unwrap();
+        }
+        let mut exits = exits;
+        exits.push(VmExit::IoOut {
+            port: 0xf4,
+            size: 4,
+            data: 0,
+        });
         let mut l1 = Scripted {
-            exits: vec![
-                VmExit::IoOut {
-                    port: abi::VMX_TRAP_PORT,
-                    size: 4,
-                    data: frame as u32,
-                },
-                VmExit::IoOut {
-                    port: 0xf4,
-                    size: 4,
-                    data: 0,
-                },
-            ]
-            .into(),
+            exits: exits.into(),
             state,
             ..Default::default()
         };
-        let mut nested = Nested::new(vmcs12::VmxCpu::new(caps), NoL2::default());
-        let r = run_l1(
-            &mut l1,
-            Some(&mut nested),
-            &ram,
-            &mut platform,
-            &RunConfig::default(),
+        // The L2 vCPU has no exits: these tests never enter L2.
+        let mut nested = Nested::new(vmcs12::VmxCpu::new(caps.clone()), Scripted::default());
+        let (r, lines) = run_on(&mut l1, Some(&mut nested), &ram, caps, &cfg);
+        (r, ram, l1, lines)
+    }
+
+    /// The #UD handler's trap for `insn` (as in `trap_run_with`, flat CS/SS
+    /// of the ELF64 entry state).
+    fn trap_run(insn: &[u8], rax: u64) -> (RunReport, GuestRam, Vec<String>) {
+        let (r, ram, _, lines) = trap_run_with(
+            insn,
+            rax,
+            (0x08, 0x10),
+            vec![trap_port_exit()],
+            RunConfig::default(),
         );
-        (r, ram, cap.lines())
+        (r, ram, lines)
+    }
+
+    fn status(ram: &GuestRam) -> u64 {
+        use vmcs12::GuestPhysMemory;
+        RamView(ram)
+            .read_u64(FRAME + abi::trap_frame::STATUS)
+            .unwrap()
     }
 
     #[test]
@@ -1135,18 +1331,22 @@ mod tests {
         let (r, ram, lines) = trap_run(&[0xf3, 0x0f, 0xc7, 0x30], 0x31_0000);
         assert_eq!(r.end, RunEnd::DebugExit(1), "{lines:?}");
         let m = RamView(&ram);
-        let frame = 0x40_0000u64;
-        assert_eq!(
-            m.read_u64(frame + abi::trap_frame::STATUS),
-            Ok(abi::TRAP_STATUS_EMULATED)
-        );
-        assert_eq!(m.read_u64(frame + abi::trap_frame::RIP), Ok(0x20_0004));
+        assert_eq!(status(&ram), abi::TRAP_STATUS_EMULATED);
+        assert_eq!(m.read_u64(FRAME + abi::trap_frame::RIP), Ok(0x20_0004));
         // VMsucceed clears CF and ZF.
         assert_eq!(
-            m.read_u64(frame + abi::trap_frame::RFLAGS).unwrap() & 0x41,
+            m.read_u64(FRAME + abi::trap_frame::RFLAGS).unwrap() & 0x41,
             0
         );
-        assert_eq!(m.read_u64(frame + abi::trap_frame::RAX), Ok(0x31_0000));
+        assert_eq!(m.read_u64(FRAME + abi::trap_frame::RAX), Ok(0x31_0000));
+        assert_eq!(
+            r.stats.vmx_by_path,
+            vec![VmxPathRow {
+                name: "vmxon".into(),
+                emulation_failure: 0,
+                trap_port: 1
+            }]
+        );
     }
 
     #[test]
@@ -1155,28 +1355,135 @@ mod tests {
         // ud2 is not a VMX instruction: the status stays NOT_HANDLED.
         let (r, ram, _) = trap_run(&[0x0f, 0x0b], 0);
         assert_eq!(r.end, RunEnd::DebugExit(1));
-        let m = RamView(&ram);
+        assert_eq!(status(&ram), abi::TRAP_STATUS_NOT_HANDLED);
         assert_eq!(
-            m.read_u64(0x40_0000 + abi::trap_frame::STATUS),
-            Ok(abi::TRAP_STATUS_NOT_HANDLED)
+            RamView(&ram).read_u64(FRAME + abi::trap_frame::RIP),
+            Ok(0x20_0000)
         );
-        assert_eq!(m.read_u64(0x40_0000 + abi::trap_frame::RIP), Ok(0x20_0000));
+        assert!(r.stats.vmx_by_path.is_empty());
     }
 
     #[test]
-    fn test_trap_port_fault_leaves_status_and_reports_vector() {
-        use vmcs12::GuestPhysMemory;
-        // vmxoff outside VMX operation raises #UD.
-        let (r, ram, lines) = trap_run(&[0x0f, 0x01, 0xc4], 0);
-        assert_eq!(r.end, RunEnd::DebugExit(1));
-        assert_eq!(
-            RamView(&ram).read_u64(0x40_0000 + abi::trap_frame::STATUS),
-            Ok(abi::TRAP_STATUS_NOT_HANDLED)
+    fn test_trap_port_ud_fault_leaves_status_for_l1() {
+        // vmxoff outside VMX operation raises #UD: L1's #UD is genuine.
+        let (r, ram, l1, _) = trap_run_with(
+            &[0x0f, 0x01, 0xc4],
+            0,
+            (0x08, 0x10),
+            vec![trap_port_exit()],
+            RunConfig::default(),
         );
+        assert_eq!(r.end, RunEnd::DebugExit(1));
+        assert_eq!(status(&ram), abi::TRAP_STATUS_NOT_HANDLED);
+        assert!(l1.injected.is_empty(), "no second #UD: {:?}", l1.injected);
+    }
+
+    #[test]
+    fn test_trap_port_other_fault_unwinds_the_handler_and_injects_it() {
+        // vmxon [rax] with a non-canonical RAX: #GP(0) at the instruction.
+        let (r, ram, l1, lines) = trap_run_with(
+            &[0xf3, 0x0f, 0xc7, 0x30],
+            0x8000_0000_0000_0000,
+            (0x08, 0x10),
+            vec![trap_port_exit()],
+            RunConfig::default(),
+        );
+        assert_eq!(r.end, RunEnd::DebugExit(1), "{lines:?}");
+        assert_eq!(l1.injected, vec![(13, Some(0))]);
+        // L1's state is the frame's: the fault is delivered at the VMXON.
+        assert_eq!(l1.state.rip, 0x20_0000);
+        assert_eq!(l1.state.gprs.regs[4], 0x7_0000);
+        assert_eq!(l1.state.rflags, 0x2 | 0x41);
+        assert_eq!(status(&ram), abi::TRAP_STATUS_NOT_HANDLED);
+    }
+
+    #[test]
+    fn test_trap_port_fault_with_other_cs_is_reported_not_injected() {
+        let (r, ram, l1, lines) = trap_run_with(
+            &[0xf3, 0x0f, 0xc7, 0x30],
+            0x8000_0000_0000_0000,
+            (0x33, 0x2b),
+            vec![trap_port_exit()],
+            RunConfig::default(),
+        );
+        assert_eq!(r.end, RunEnd::DebugExit(1));
+        assert!(l1.injected.is_empty());
+        assert_eq!(status(&ram), abi::TRAP_STATUS_NOT_HANDLED);
         assert!(
-            lines.iter().any(|l| l.contains("raises vector 6")),
+            lines.iter().any(|l| l.contains("raises vector 13")),
             "{lines:?}"
         );
+    }
+
+    #[test]
+    fn test_ud_path_injects_ud_then_emulates_from_the_frame() {
+        let vmxon = [0xf3, 0x0f, 0xc7, 0x30];
+        let cfg = RunConfig {
+            vmx_trap: VmxTrapPath::InvalidOpcode,
+            ..Default::default()
+        };
+        let exits = vec![
+            VmExit::EmulationFailure {
+                insn_bytes: vmxon.to_vec(),
+            },
+            trap_port_exit(),
+        ];
+        let (r, ram, l1, lines) = trap_run_with(&vmxon, 0x31_0000, (0x08, 0x10), exits, cfg);
+        assert_eq!(r.end, RunEnd::DebugExit(1), "{lines:?}");
+        assert_eq!(l1.injected, vec![(UD_VECTOR, None)]);
+        assert_eq!(status(&ram), abi::TRAP_STATUS_EMULATED);
+        for k in ["emulation-failure", "vmx-ud-injected", "vmx-trap-port"] {
+            assert_eq!(r.stats.l1_exits.get(k), Some(&1), "{k}");
+        }
+        assert_eq!(r.stats.vmx_by_path[0].trap_port, 1);
+        assert_eq!(r.stats.vmx_by_path[0].emulation_failure, 0);
+        // Not a VMX instruction: the emulation path reports it.
+        let (r, _, l1, _) = trap_run_with(
+            &[0x0f, 0x0b],
+            0,
+            (0x08, 0x10),
+            vec![VmExit::EmulationFailure {
+                insn_bytes: vec![0x0f, 0x0b],
+            }],
+            RunConfig {
+                vmx_trap: VmxTrapPath::InvalidOpcode,
+                ..Default::default()
+            },
+        );
+        assert!(matches!(r.end, RunEnd::Error(m) if m.contains("not a VMX instruction")));
+        assert!(l1.injected.is_empty());
+    }
+
+    #[test]
+    fn test_emulation_path_ud_is_not_emulated_again_at_the_trap_port() {
+        // vmxoff outside VMX operation: the emulation path injects #UD; L1's
+        // handler offers it on the trap port, where it counts as genuine.
+        let vmxoff = [0x0f, 0x01, 0xc4];
+        let exits = vec![
+            VmExit::EmulationFailure {
+                insn_bytes: vmxoff.to_vec(),
+            },
+            trap_port_exit(),
+        ];
+        let (r, ram, l1, _) = trap_run_with(&vmxoff, 0, (0x08, 0x10), exits, RunConfig::default());
+        assert_eq!(l1.injected, vec![(UD_VECTOR, None)]);
+        assert_eq!(status(&ram), abi::TRAP_STATUS_NOT_HANDLED);
+        assert_eq!(r.stats.l1_exits.get("vmx-trap-port"), Some(&1));
+        assert_eq!(r.stats.vmx_instructions, vec![("vmxoff".to_string(), 1)]);
+        assert_eq!(r.stats.vmx_by_path[0].emulation_failure, 1);
+        assert_eq!(r.stats.vmx_by_path[0].trap_port, 0);
+    }
+
+    #[test]
+    fn test_demo_exit_codes() {
+        assert_eq!(RunEnd::DebugExit(1).demo_exit_code(), 0);
+        assert_eq!(RunEnd::DebugExit(1).exit_code(), 1);
+        assert_eq!(RunEnd::DebugExit(3).demo_exit_code(), 3);
+        assert_eq!(RunEnd::Halted.demo_exit_code(), EXIT_DEMO_NO_STATUS);
+        assert_eq!(RunEnd::Halted.exit_code(), EXIT_HALTED);
+        assert_eq!(RunEnd::TripleFault.demo_exit_code(), EXIT_TRIPLE_FAULT);
+        assert_eq!(RunEnd::DebugExit(1).exit_code_for(ExitConvention::Demo), 0);
+        assert_eq!(RunEnd::DebugExit(1).exit_code_for(ExitConvention::Qemu), 1);
     }
 
     #[test]
@@ -1185,10 +1492,20 @@ mod tests {
         stats.l1_exits.insert("io-out", 3);
         stats.l2_exits.push((30, "I/O instruction".into(), 1, 2));
         stats.vmx_instructions.push(("vmxon".into(), 1));
+        stats.vmx_by_path.push(VmxPathRow {
+            name: "vmxon".into(),
+            emulation_failure: 0,
+            trap_port: 1,
+        });
         let lines = summary_lines(&RunReport {
             end: RunEnd::Halted,
             stats,
+            exit_code: 0,
         });
+        assert!(lines.iter().any(|l| l == "exit code: 0"));
+        assert!(lines
+            .iter()
+            .any(|l| l == "VMX instructions by path: emulation-failure exit 0, #UD trap port 1"));
         assert!(lines
             .iter()
             .any(|l| l.starts_with("io-out") && l.ends_with('3')));

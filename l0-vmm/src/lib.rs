@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod cpuid;
 pub mod devices;
+pub mod ept_slots;
 pub mod hv;
 pub mod kvm;
 pub mod l1_image;

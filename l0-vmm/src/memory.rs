@@ -2,14 +2,16 @@
 //!
 //! Both KVM VMs (L1's and L2's) register memslots that point into this
 //! one mapping, so a write by either guest (or by L0 through
-//! [`GuestRam::write`]) is seen by all of them. Every access from L0 is
-//! bounds-checked: an address outside guest RAM is an error, never a host
-//! access. The guests write this memory concurrently with nothing (the
-//! vCPUs run on the L0 thread), but L0 still never hands out Rust
-//! references into it: all copies go through raw pointers.
+//! [`GuestRam::write_bytes`]) is seen by all of them. The mapping is a
+//! vm-memory [`GuestMemoryMmap`] with a single region at GPA 0: vm-memory
+//! owns the mmap/munmap and copies with volatile accesses (the guests write
+//! the same memory behind L0's back), so this file has no `unsafe`. Every
+//! access from L0 is bounds-checked here first: an address outside guest
+//! RAM is an [`OutOfRange`] error, never a host access.
 
-use std::ptr::NonNull;
-
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+};
 use vmcs12::{GuestPhysMemory, OutOfRange};
 
 /// Size of one page.
@@ -24,71 +26,62 @@ pub enum MemoryError {
     )]
     BadSize(u64),
     /// mmap failed.
-    #[error("could not map {size:#x} bytes of guest RAM: {source}; lower --mem or check the memory limits")]
+    #[error("could not map {size:#x} bytes of guest RAM: {reason}; lower --mem or check the memory limits")]
     Mmap {
         /// Requested size.
         size: u64,
-        /// OS error.
-        source: std::io::Error,
+        /// What vm-memory reported.
+        reason: String,
     },
 }
 
 /// Guest RAM mapped once in L0's address space.
 #[derive(Debug)]
 pub struct GuestRam {
-    ptr: NonNull<u8>,
-    size: usize,
+    mem: GuestMemoryMmap,
+    size: u64,
 }
 
-// SAFETY: the mapping is plain memory owned by this struct; all access goes
-// through raw-pointer copies bounded by `size`, so moving or sharing the
-// handle between threads cannot create aliasing Rust references.
-unsafe impl Send for GuestRam {}
-// SAFETY: see `Send`; `read`/`write` take `&self` and copy through raw
-// pointers (the same way a guest vCPU writes it behind our back).
-unsafe impl Sync for GuestRam {}
-
 impl GuestRam {
-    /// Maps `size` bytes of zeroed guest RAM (shared, so KVM memslots of
-    /// several VMs alias it).
+    /// Maps `size` bytes of zeroed guest RAM (MAP_SHARED, so KVM memslots
+    /// of several VMs alias it; MAP_NORESERVE, so untouched RAM costs
+    /// nothing).
     pub fn new(size: u64) -> Result<Self, MemoryError> {
         if size == 0 || !size.is_multiple_of(2 << 20) {
             return Err(MemoryError::BadSize(size));
         }
         let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
-        // SAFETY: an anonymous mapping with no address hint touches no
-        // existing memory; the result is checked against MAP_FAILED.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(MemoryError::Mmap {
-                size,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or(MemoryError::Mmap {
-            size,
-            source: std::io::Error::other("mmap returned NULL"),
-        })?;
-        Ok(Self { ptr, size: len })
+        let mmap_err = |reason: String| MemoryError::Mmap { size, reason };
+        let region = MmapRegion::build(
+            None,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| mmap_err(e.to_string()))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or_else(|| mmap_err("the region overflows the address space".into()))?;
+        let mem =
+            GuestMemoryMmap::from_regions(vec![region]).map_err(|e| mmap_err(e.to_string()))?;
+        Ok(Self { mem, size })
     }
 
     /// Size in bytes.
     pub fn size(&self) -> u64 {
-        self.size as u64
+        self.size
     }
 
     /// Host virtual address of guest-physical 0 (for KVM memslots).
     pub fn host_addr(&self) -> u64 {
-        self.ptr.as_ptr() as u64
+        // GPA 0 is inside the one region `new` created.
+        self.mem
+            .get_host_address(GuestAddress(0))
+            .map_or(0, |p| p as u64)
+    }
+
+    /// The vm-memory view of guest RAM (one region at GPA 0).
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
     }
 
     /// Checks that `[gpa, gpa + len)` lies inside guest RAM and returns
@@ -99,7 +92,7 @@ impl GuestRam {
             len: usize::try_from(len).unwrap_or(usize::MAX),
         };
         let end = gpa.checked_add(len).ok_or(err)?;
-        if end > self.size as u64 {
+        if end > self.size {
             return Err(err);
         }
         usize::try_from(gpa).map_err(|_| err)
@@ -107,42 +100,43 @@ impl GuestRam {
 
     /// Copies guest memory at `gpa` into `buf`.
     pub fn read_bytes(&self, gpa: u64, buf: &mut [u8]) -> Result<(), OutOfRange> {
-        let off = self.check_range(gpa, buf.len() as u64)?;
-        // SAFETY: `check_range` proved `off + buf.len() <= size`, so the
-        // source lies inside the live mapping; `buf` is a distinct host
-        // buffer, so the ranges do not overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), buf.as_mut_ptr(), buf.len())
-        };
-        Ok(())
+        self.check_range(gpa, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| OutOfRange {
+                gpa,
+                len: buf.len(),
+            })
     }
 
     /// Copies `buf` into guest memory at `gpa`.
     pub fn write_bytes(&self, gpa: u64, buf: &[u8]) -> Result<(), OutOfRange> {
-        let off = self.check_range(gpa, buf.len() as u64)?;
-        // SAFETY: `check_range` proved the destination lies inside the
-        // live, writable mapping; `buf` is a distinct host buffer.
-        unsafe {
-            std::ptr::copy_nonoverlapping(buf.as_ptr(), self.ptr.as_ptr().add(off), buf.len())
-        };
-        Ok(())
+        self.check_range(gpa, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.mem
+            .write_slice(buf, GuestAddress(gpa))
+            .map_err(|_| OutOfRange {
+                gpa,
+                len: buf.len(),
+            })
     }
 
     /// Fills `len` bytes at `gpa` with `byte`.
     pub fn fill(&self, gpa: u64, len: u64, byte: u8) -> Result<(), OutOfRange> {
-        let off = self.check_range(gpa, len)?;
-        // SAFETY: `check_range` proved the range lies inside the mapping,
-        // and `len` fits in usize because it is at most `size`.
-        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(off), byte, len as usize) };
+        self.check_range(gpa, len)?;
+        let chunk = [byte; PAGE_SIZE as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(PAGE_SIZE);
+            self.write_bytes(gpa + done, &chunk[..n as usize])?;
+            done += n;
+        }
         Ok(())
-    }
-}
-
-impl Drop for GuestRam {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`size` are exactly the mapping created in `new`;
-        // VMs keep an `Arc<GuestRam>`, so no memslot outlives it.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.size) };
     }
 }
 
@@ -212,6 +206,43 @@ mod tests {
         let mut v = RamView(&ram);
         v.write_u32(0x40, 7).unwrap();
         assert_eq!(ram.read_u32(0x40), Ok(7));
+    }
+
+    #[test]
+    fn test_ram_is_one_shared_mapping_at_host_addr() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let start = ram.host_addr();
+        assert!(start != 0 && start.is_multiple_of(PAGE_SIZE));
+        // /proc/self/maps: "start-end perms ...", shared mappings show 's'.
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let line = maps
+            .lines()
+            .find(|l| {
+                l.split('-')
+                    .next()
+                    .and_then(|a| u64::from_str_radix(a, 16).ok())
+                    == Some(start)
+            })
+            .expect("guest RAM mapping listed");
+        let mut f = line.split_whitespace();
+        let range = f.next().unwrap();
+        let end = u64::from_str_radix(range.split('-').nth(1).unwrap(), 16).unwrap();
+        assert_eq!(end - start, 4 << 20, "{line}");
+        assert_eq!(f.next(), Some("rw-s"), "{line}");
+        assert_eq!(ram.guest_memory().num_regions(), 1);
+    }
+
+    #[test]
+    fn test_ram_fill_spans_pages_and_stops_at_the_range() {
+        let ram = GuestRam::new(2 << 20).unwrap();
+        ram.fill(0xff0, 0x2020, 0x5a).unwrap();
+        let mut buf = vec![0u8; 0x2040];
+        ram.read_bytes(0xfe0, &mut buf).unwrap();
+        assert!(buf[..0x10].iter().all(|&b| b == 0));
+        assert!(buf[0x10..0x2030].iter().all(|&b| b == 0x5a));
+        assert!(buf[0x2030..].iter().all(|&b| b == 0));
+        assert!(ram.fill(ram.size(), 0, 1).is_ok());
+        assert!(ram.fill(ram.size(), 1, 1).is_err());
     }
 
     proptest! {

@@ -17,23 +17,30 @@
 
 use std::collections::BTreeMap;
 
-use iced_x86::{Code, Decoder, DecoderOptions, Instruction};
+use iced_x86::{
+    Code, Decoder, DecoderOptions, Instruction, InstructionInfoFactory, OpAccess, Register,
+};
+use nested_exit::decide::{decide_ept_violation, EptExitDecision};
+use nested_exit::ept::{Ept, EptConfig, EptPerms, ViolationContext};
 use nested_exit::exit::{
     AddressSize, EptViolationQualification, InstructionExit, InstructionInfo, IoDirection,
     IoOperand, IoQualification, IoSize, SegmentReg,
 };
+use nested_exit::walk::AccessKind;
 use nested_exit::{
     decide, load_vmcs12_host_state, prepare_vmcs02, prepare_vmcs12, Decision, Exit, L0Policy,
     VcpuState,
 };
+use vmcs12::controls::{PrimaryProcBased, SecondaryProcBased};
 use vmcs12::region::OFFSET_ABORT_INDICATOR;
 use vmcs12::{GuestPhysMemory, Vmcs12, VmcsField, VmxCpu, VmxOutcome};
 
+use crate::ept_slots::{EptSlotError, EptSlots, L2Mapping, L2PhysView, SlotStats};
 use crate::hv::{Vcpu, VmExit};
 use crate::vmx_emul::{
-    self, access_linear, decode_vmx, emulate_vmx, fault_vector, fetch_insn_bytes, Access, AddrBase,
-    DecodeError, DecodedVmx, EmulError, ExecMode, RegOrMem, SegReg, VmxInstruction, VmxStep,
-    CR4_VMXE,
+    self, access_linear, decode_vmx, emulate_vmx, fault_vector, trapped_insn_bytes, Access,
+    AddrBase, DecodeError, DecodedVmx, EmulError, ExecMode, RegOrMem, SegReg, VmxInstruction,
+    VmxStep, CR4_VMXE,
 };
 
 /// Boxed error of a vCPU backend.
@@ -71,6 +78,12 @@ pub enum NestedError {
     /// L2 did something L0 cannot complete on this host.
     #[error("L2 exit not supported on this host: {0}")]
     Unsupported(String),
+    /// The L2 VM's memslots could not follow L1's EPT.
+    #[error(transparent)]
+    EptSlots(#[from] EptSlotError),
+    /// vmcs12 enables EPT but no L2 VM was attached to build memslots in.
+    #[error("L1 enabled EPT for L2, but L0 has no L2 VM to build EPT memslots in: call Nested::attach_l2_vm (an L0 bug)")]
+    NoL2Vm,
 }
 
 /// What L0 does with an access of L2 that L1 does not intercept: the L1
@@ -103,6 +116,18 @@ pub trait FlushPending: Vcpu {
     /// Applies any pending completion now (KVM: `KVM_RUN` with
     /// `immediate_exit`, which completes it and returns EINTR).
     fn flush_pending(&mut self) -> Result<(), Self::Error>;
+
+    /// Arms (`Some`) or disarms (`None`) one instruction breakpoint at a
+    /// linear address; `Ok(false)`: this vCPU cannot (then L0 does without).
+    fn set_exec_breakpoint(&mut self, _linear: Option<u64>) -> Result<bool, Self::Error> {
+        Ok(false)
+    }
+
+    /// Runs exactly one instruction with breakpoints off and returns the
+    /// exit ([`VmExit::Debug`] when the step completed). The caller re-arms.
+    fn step_one(&mut self) -> Result<VmExit, Self::Error> {
+        self.run()
+    }
 }
 
 impl FlushPending for crate::kvm::KvmVcpu {
@@ -111,6 +136,35 @@ impl FlushPending for crate::kvm::KvmVcpu {
         let r = self.run();
         self.set_immediate_exit(false);
         r.map(|_| ())
+    }
+
+    fn set_exec_breakpoint(&mut self, linear: Option<u64>) -> Result<bool, Self::Error> {
+        use kvm_bindings::{
+            kvm_guest_debug, kvm_guest_debug_arch, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP,
+        };
+        // DR7: L0 enabled, R/W0 = 00 (instruction execution), LEN0 = 00;
+        // bit 10 reads as 1.
+        let dbg = match linear {
+            Some(a) => kvm_guest_debug {
+                control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
+                arch: kvm_guest_debug_arch {
+                    debugreg: [a, 0, 0, 0, 0, 0, 0, 0x401],
+                },
+                ..Default::default()
+            },
+            None => kvm_guest_debug::default(),
+        };
+        self.vcpu_fd()
+            .set_guest_debug(&dbg)
+            .map_err(crate::kvm::KvmError::SetGuestDebug)?;
+        Ok(true)
+    }
+
+    fn step_one(&mut self) -> Result<VmExit, Self::Error> {
+        self.set_single_step(true)?;
+        let r = self.run();
+        self.set_single_step(false)?;
+        r
     }
 }
 
@@ -160,6 +214,20 @@ pub struct NestedStats {
     /// VM-exit MSR-load entries L0 could not apply (MSRs `VcpuState` does
     /// not model).
     pub unapplied_msr_loads: u64,
+    /// MMIO writes of L2 whose start had several valid decodings (the
+    /// shortest was used).
+    pub ambiguous_write_starts: u64,
+    /// L2 writes L0 completed into L1's RAM because L1's EPT allowed them
+    /// but L0's slots did not map the page yet.
+    pub stale_writes_applied: u64,
+    /// #PFs KVM delivered to L2 for a page walk through an EPT hole,
+    /// reflected as EPT violations on a paging-structure access.
+    pub paging_structure_violations: u64,
+    /// #PFs of L2's own seen at the handler breakpoint and let through.
+    pub l2_page_faults_passed: u64,
+    /// L2 data accesses L0 completed on readable pages without X in L1's
+    /// EPT (they have no slot: see `ept_slots::ept_windows`).
+    pub unslotted_accesses: u64,
 }
 
 impl NestedStats {
@@ -226,6 +294,13 @@ pub struct Nested<V: FlushPending> {
     policy: L0Policy,
     stats: NestedStats,
     last_decision: Option<(&'static str, Decision)>,
+    /// The last fault injected into L1 for a VMX instruction (RIP, vector).
+    last_fault: Option<(u64, u8)>,
+    /// The L2 VM's memslots (built from L1's EPT when vmcs12 enables it).
+    l2_mem: Option<EptSlots>,
+    /// Linear address of L2's #PF handler while a breakpoint is armed on it
+    /// (EPT on: catches KVM's page walks that hit pages without a slot).
+    pf_breakpoint: Option<u64>,
 }
 
 impl<V: FlushPending> std::fmt::Debug for Nested<V> {
@@ -260,7 +335,89 @@ impl<V: FlushPending> Nested<V> {
             policy: L0Policy::default(),
             stats: NestedStats::default(),
             last_decision: None,
+            last_fault: None,
+            l2_mem: None,
+            pf_breakpoint: None,
         }
+    }
+
+    /// Hands the L2 VM (the one `l2` belongs to) to L0, so it can replace
+    /// its identity memslot with slots built from L1's EPT when vmcs12
+    /// enables EPT (`ept_slots.rs`).
+    pub fn attach_l2_vm(&mut self, vm: crate::kvm::KvmVm) {
+        self.l2_mem = Some(EptSlots::from_kvm_vm(vm));
+    }
+
+    /// Like [`Nested::attach_l2_vm`] with any slot backend (tests).
+    pub fn attach_l2_slots(&mut self, slots: EptSlots) {
+        self.l2_mem = Some(slots);
+    }
+
+    /// The L2 VM's memslots, if a VM is attached.
+    pub fn l2_slots(&self) -> Option<&EptSlots> {
+        self.l2_mem.as_ref()
+    }
+
+    /// Memslot counters (zero without an attached VM).
+    pub fn slot_stats(&self) -> SlotStats {
+        self.l2_mem
+            .as_ref()
+            .map(EptSlots::stats)
+            .unwrap_or_default()
+    }
+
+    /// How L0 walks L1's EPT: the features it advertises.
+    fn ept_config(&self) -> EptConfig {
+        let caps = self.cpu.caps();
+        EptConfig {
+            execute_only: caps.ept_vpid_cap & EPT_CAP_EXECUTE_ONLY != 0,
+            maxphyaddr: caps.phys_addr_width,
+        }
+    }
+
+    /// Highest L2-physical address (exclusive) L0 maps from an EPT.
+    fn max_l2_gpa(&self) -> u64 {
+        1u64 << self.cpu.caps().phys_addr_width.min(48)
+    }
+
+    /// L1's EPT for L2 if the current vmcs12 enables it ("activate
+    /// secondary controls" and "enable EPT").
+    fn l2_ept(&self) -> Result<Option<Ept>, NestedError> {
+        let Some(v) = self.cpu.current_vmcs() else {
+            return Ok(None);
+        };
+        if !ept_enabled(v) {
+            return Ok(None);
+        }
+        let raw = v.get(VmcsField::EPT_POINTER);
+        Ept::new(raw, self.ept_config()).map(Some).map_err(|e| {
+            NestedError::Unsupported(format!(
+                "EPT_POINTER {raw:#x} passed the VM-entry checks but cannot be walked ({e}): an L0 bug"
+            ))
+        })
+    }
+
+    /// Makes the L2 VM's slots match vmcs12 at VM entry: L1's EPT (walked
+    /// again when the EPTP changed or after INVEPT) or the identity slot.
+    fn sync_l2_memory(&mut self, mem: &dyn GuestPhysMemory) -> Result<(), NestedError> {
+        let ept = self.l2_ept()?;
+        let max_gpa = self.max_l2_gpa();
+        let Some(slots) = self.l2_mem.as_mut() else {
+            return match ept {
+                Some(_) => Err(NestedError::NoL2Vm),
+                None => Ok(()),
+            };
+        };
+        let mapping = match &ept {
+            Some(e) => L2Mapping::Ept {
+                eptp: e.eptp.encode(),
+            },
+            None => L2Mapping::Identity,
+        };
+        if let Some(change) = slots.sync(mapping, ept.as_ref(), mem, max_gpa)? {
+            tracing::debug!(?mapping, ?change, "L2 memslots rebuilt");
+        }
+        Ok(())
     }
 
     /// The VMX model.
@@ -292,6 +449,12 @@ impl<V: FlushPending> Nested<V> {
         &self.stats
     }
 
+    /// Takes the (RIP, vector) of the last fault injected into L1 for a VMX
+    /// instruction, if one was injected since the last call.
+    pub fn take_last_fault(&mut self) -> Option<(u64, u8)> {
+        self.last_fault.take()
+    }
+
     /// The last decision taken on an L2 exit (exit name, decision).
     pub fn last_decision(&self) -> Option<&(&'static str, Decision)> {
         self.last_decision.as_ref()
@@ -309,21 +472,14 @@ impl<V: FlushPending> Nested<V> {
         host: &mut dyn L2Host,
     ) -> Result<VmxExitOutcome, NestedError> {
         let mut state = l1.get_state().map_err(l1_err)?;
-        let fetched;
-        let bytes = if insn_bytes.is_empty() {
-            match fetch_insn_bytes(&state, mem)? {
-                Ok(b) => {
-                    fetched = b;
-                    &fetched[..]
-                }
-                Err(fault) => {
-                    self.inject_l1(l1, &mut state, fault)?;
-                    return Ok(VmxExitOutcome::Continue);
-                }
+        let bytes = match trapped_insn_bytes(&state, insn_bytes, mem)? {
+            Ok(b) => b,
+            Err(fault) => {
+                self.inject_l1(l1, &mut state, fault)?;
+                return Ok(VmxExitOutcome::Continue);
             }
-        } else {
-            insn_bytes
         };
+        let bytes = &bytes[..];
         let mode = ExecMode::of(&state);
         let kind = match decode_vmx(bytes, mode, state.rip) {
             Ok(d) => d.kind,
@@ -341,6 +497,14 @@ impl<V: FlushPending> Nested<V> {
             VmxStep::Completed { kind, outcome } => {
                 if kind == VmxInstruction::Vmxoff && outcome == VmxOutcome::Succeed {
                     self.vmxe = false;
+                }
+                // INVEPT (single-context or all-context): EPT-derived
+                // translations are gone; the slots are rebuilt from L1's
+                // EPT at the next VM entry (SDM 30.3.3.1).
+                if kind == VmxInstruction::Invept && outcome == VmxOutcome::Succeed {
+                    if let Some(slots) = self.l2_mem.as_mut() {
+                        slots.invalidate();
+                    }
                 }
                 l1.set_state(&state).map_err(l1_err)?;
                 Ok(VmxExitOutcome::Continue)
@@ -380,6 +544,7 @@ impl<V: FlushPending> Nested<V> {
     ) -> Result<(), NestedError> {
         self.stats.vmx_faults += 1;
         let (vector, error_code, cr2) = fault_vector(fault);
+        self.last_fault = Some((state.rip, vector));
         if let Some(cr2) = cr2 {
             state.cr2 = cr2;
             l1.set_state(state).map_err(l1_err)?;
@@ -416,6 +581,8 @@ impl<V: FlushPending> Nested<V> {
         let mut l2 = vmcs02.l2;
         // Virtual VMXE: GUEST_CR4 carries VMXE (CR4_FIXED0); KVM refuses it.
         l2.cr4 &= !CR4_VMXE;
+        let l2 = deliverable_event(l2);
+        self.sync_l2_memory(&*mem)?;
         self.stats.l2_entries += 1;
         if self.l2_cached.as_ref() == Some(&l2) {
             self.stats.l2_state_loads_skipped += 1;
@@ -423,6 +590,7 @@ impl<V: FlushPending> Nested<V> {
             self.l2.set_state(&l2).map_err(l2_err)?;
             self.l2_cached = Some(l2);
         }
+        self.arm_pf_intercept(&l2, mem)?;
         self.continue_l2(l1, mem, host)
     }
 
@@ -458,6 +626,16 @@ impl<V: FlushPending> Nested<V> {
     ) -> Result<L2Step, NestedError> {
         if exit == VmExit::Interrupted {
             return Ok(L2Step::Interrupted);
+        }
+        if let VmExit::Debug { pc, .. } = exit {
+            if self.pf_breakpoint == Some(pc) {
+                return self.handle_pf_breakpoint(mem, host);
+            }
+        }
+        if let Some(ept) = self.l2_ept()? {
+            if let Some(step) = self.handle_ept_exit(&exit, &ept, mem)? {
+                return Ok(step);
+            }
         }
         let observed = self.observe(&exit, mem)?;
         let vmcs12 = self.cpu.current_vmcs().ok_or(NestedError::NoCurrentVmcs)?;
@@ -522,12 +700,25 @@ impl<V: FlushPending> Nested<V> {
                 Ok(L2Step::Resume)
             }
             VmExit::RdMsr { index } => {
-                let v = host.l2_rdmsr(index);
+                // MSRs that are part of L2's vCPU state are L2's own.
+                let v = match own_msr(index) {
+                    true => observed.l2.msr(index),
+                    false => host.l2_rdmsr(index),
+                };
                 self.l2.complete_rdmsr(v);
                 Ok(L2Step::Resume)
             }
             VmExit::WrMsr { index, data } => {
-                let ok = host.l2_wrmsr(index, data);
+                let ok = if own_msr(index) {
+                    let mut l2 = observed.l2;
+                    let ok = write_own_msr(&mut l2, index, data);
+                    if ok {
+                        self.l2.set_state(&l2).map_err(l2_err)?;
+                    }
+                    ok
+                } else {
+                    host.l2_wrmsr(index, data)
+                };
                 self.l2.complete_wrmsr(ok);
                 Ok(L2Step::Resume)
             }
@@ -549,6 +740,324 @@ impl<V: FlushPending> Nested<V> {
         }
     }
 
+    /// An L2 access to L2-physical memory that L0's slots do not back the
+    /// way L2 needed, while vmcs12 enables EPT: a `KVM_EXIT_MMIO` read (RIP
+    /// at the instruction) or write (RIP after it: KVM emulated the
+    /// instruction and sent the write to L0, so memory is unchanged), or an
+    /// emulation failure on a fetch from a page without a slot. L1's EPT
+    /// decides (`decide_ept_violation`, the one place that walks it):
+    /// - L1 maps the page for this access, L0's slots are stale: L0
+    ///   completes the access against L1's RAM (a write is not lost), rebuilds
+    ///   the slots and resumes L2; L1 never sees it;
+    /// - otherwise exit 48 (qualification from the walk; guest-linear address
+    ///   when the instruction's memory operand is decoded and translates to
+    ///   the address) or 49, with GUEST_RIP at the instruction.
+    ///
+    /// `None`: not such an exit (the generic path takes it).
+    fn handle_ept_exit(
+        &mut self,
+        exit: &VmExit,
+        ept: &Ept,
+        mem: &mut dyn GuestPhysMemory,
+    ) -> Result<Option<L2Step>, NestedError> {
+        let mut l2 = match exit {
+            VmExit::MmioRead { .. } | VmExit::MmioWrite { .. } => {
+                self.l2.get_state().map_err(l2_err)?
+            }
+            VmExit::EmulationFailure { insn_bytes } if insn_bytes.is_empty() => {
+                self.l2.get_state().map_err(l2_err)?
+            }
+            _ => return Ok(None),
+        };
+        let (access, gpa, len, fetch_la) = match exit {
+            VmExit::MmioRead { gpa, len } => (AccessKind::Read, *gpa, usize::from(*len), None),
+            VmExit::MmioWrite { gpa, data } => (AccessKind::Write, *gpa, data.len(), None),
+            _ => {
+                let slots = self.l2_mem.as_ref().ok_or(NestedError::NoL2Vm)?;
+                let view = L2PhysView {
+                    mem: &mut *mem,
+                    ept: Some(*ept),
+                };
+                match unbacked_fetch(&l2, &view, slots) {
+                    Some((gpa, la)) => (AccessKind::Fetch, gpa, 1, Some(la)),
+                    None => return Ok(None),
+                }
+            }
+        };
+        let config = self.ept_config();
+        let max_gpa = self.max_l2_gpa();
+        let vmcs12 = self.cpu.current_vmcs().ok_or(NestedError::NoCurrentVmcs)?;
+        let first = decide_ept_violation(
+            vmcs12,
+            &*mem,
+            gpa,
+            access,
+            0,
+            ViolationContext::default(),
+            config,
+        );
+        match first {
+            EptExitDecision::NoL1Ept(_) => return Ok(None),
+            EptExitDecision::L0StaleMapping {
+                hpa,
+                perms,
+                decision,
+                ..
+            } => {
+                *self.stats.exits.entry((48, Handler::L0)).or_default() += 1;
+                tracing::debug!(gpa, hpa, why = %decision.explanation, "L2 EPT exit handled by L0");
+                self.last_decision = Some(("EPT violation", decision));
+                match exit {
+                    VmExit::MmioRead { .. } => {
+                        // L1-physical memory past RAM reads as all ones.
+                        let mut buf = vec![0xff; len];
+                        if mem.read(hpa, &mut buf).is_err() {
+                            buf.fill(0xff);
+                        }
+                        self.l2.complete_mmio_read(&buf);
+                    }
+                    // Stored in L1's RAM (dropped past RAM).
+                    VmExit::MmioWrite { data, .. } if mem.write(hpa, data).is_ok() => {
+                        self.stats.stale_writes_applied += 1;
+                    }
+                    _ => {}
+                }
+                let slots = self.l2_mem.as_mut().ok_or(NestedError::NoL2Vm)?;
+                let mapping = L2Mapping::Ept {
+                    eptp: ept.eptp.encode(),
+                };
+                // A readable page without X never gets a slot (a slot
+                // cannot forbid fetches): its data accesses always come
+                // here and need no rebuild.
+                let slotted = perms.contains(EptPerms::READ | EptPerms::EXECUTE);
+                if slotted || access == AccessKind::Fetch {
+                    slots.rebuild_on_demand(mapping, ept, &*mem, max_gpa)?;
+                } else {
+                    self.stats.unslotted_accesses += 1;
+                }
+                if access == AccessKind::Fetch && slots.window_at(gpa).is_none() {
+                    return Err(NestedError::Unsupported(format!(
+                        "L2 executes at L2-physical {gpa:#x}, which L1's EPT maps to L1-physical {hpa:#x} without RAM behind it or without read permission: KVM cannot run code there"
+                    )));
+                }
+                self.l2_cached = None;
+                return Ok(Some(L2Step::Resume));
+            }
+            EptExitDecision::Reflect { .. } => {}
+        }
+        // Reflected: RIP at the instruction, and the guest-linear address
+        // where the instruction's memory operand shows it.
+        let gla = {
+            let mut view = L2PhysView {
+                mem: &mut *mem,
+                ept: Some(*ept),
+            };
+            match access {
+                AccessKind::Read => access_gla(&l2, &mut view, gpa, len, false),
+                AccessKind::Write => {
+                    let w = find_write_start(&l2, gpa, len, &mut view)?;
+                    if w.ambiguous {
+                        self.stats.ambiguous_write_starts += 1;
+                    }
+                    l2.rip = w.start;
+                    Some(w.gla)
+                }
+                AccessKind::Fetch => fetch_la,
+            }
+        };
+        let context = ViolationContext {
+            guest_linear_address_valid: gla.is_some(),
+            linear_translation: gla.is_some(),
+            nmi_unblocking: false,
+        };
+        let vmcs12 = self.cpu.current_vmcs().ok_or(NestedError::NoCurrentVmcs)?;
+        let decided = decide_ept_violation(
+            vmcs12,
+            &*mem,
+            gpa,
+            access,
+            gla.unwrap_or(0),
+            context,
+            config,
+        );
+        let EptExitDecision::Reflect {
+            exit: vmx_exit,
+            decision,
+        } = decided
+        else {
+            return Err(NestedError::Unsupported(format!(
+                "L1's EPT gave two answers for {gpa:#x} during one exit: an L0 bug"
+            )));
+        };
+        let reason = vmx_exit.basic_reason();
+        *self.stats.exits.entry((reason, Handler::L1)).or_default() += 1;
+        tracing::debug!(
+            exit = vmx_exit.name(),
+            gpa,
+            rip = l2.rip,
+            why = %decision.explanation,
+            "L2 EPT exit reflected"
+        );
+        self.last_decision = Some((vmx_exit.name(), decision));
+        // KVM must not finish the access later over what L1 writes into
+        // vmcs12: a read gets a neutral value; both are flushed (a write may
+        // have a second fragment pending).
+        match exit {
+            VmExit::MmioRead { .. } => {
+                self.l2.complete_mmio_read(&vec![0xff; len]);
+                self.l2.flush_pending().map_err(l2_err)?;
+            }
+            VmExit::MmioWrite { .. } => self.l2.flush_pending().map_err(l2_err)?,
+            _ => {}
+        }
+        self.l2_cached = None;
+        Ok(Some(L2Step::Reflect(Box::new(Observed {
+            exit: vmx_exit,
+            l2,
+            kvm_pending: false,
+        }))))
+    }
+
+    /// With EPT on and L2 in IA-32e mode with paging, arms an instruction
+    /// breakpoint on L2's #PF handler (IDT gate 14): KVM's own walk of L2's
+    /// page tables answers a table in an L2-physical page without a slot with
+    /// a #PF inside L2, which L0 sees only there (host facts: a breakpoint
+    /// on the handler fires after delivery). Disarmed otherwise.
+    fn arm_pf_intercept(
+        &mut self,
+        l2: &VcpuState,
+        mem: &mut dyn GuestPhysMemory,
+    ) -> Result<(), NestedError> {
+        let want = match self.l2_ept()? {
+            Some(ept) if l2.msrs.efer & VcpuState::EFER_LMA != 0 && l2.cr0 & (1 << 31) != 0 => {
+                let mut view = L2PhysView {
+                    mem,
+                    ept: Some(ept),
+                };
+                pf_handler_address(l2, &mut view)
+            }
+            _ => None,
+        };
+        if want != self.pf_breakpoint && self.l2.set_exec_breakpoint(want).map_err(l2_err)? {
+            self.pf_breakpoint = want;
+        }
+        Ok(())
+    }
+
+    /// L2's #PF handler was entered (breakpoint). If L2's paging walk for
+    /// CR2 reads a paging-structure entry in an L2-physical page L1's EPT
+    /// does not map for reading, the #PF is KVM's stand-in for an EPT
+    /// violation on a paging-structure access: the delivery is undone (RIP,
+    /// RSP, RFLAGS from the frame) and exit 48 is reflected with a read, the
+    /// guest-linear address CR2 and bit 8 clear (SDM 28.2.1), or 49; if L1
+    /// maps it now, L0 rebuilds its slots and L2 retries the instruction.
+    /// Any other #PF is L2's own: L0 steps over the breakpoint.
+    fn handle_pf_breakpoint(
+        &mut self,
+        mem: &mut dyn GuestPhysMemory,
+        host: &mut dyn L2Host,
+    ) -> Result<L2Step, NestedError> {
+        let st = self.l2.get_state().map_err(l2_err)?;
+        let Some(ept) = self.l2_ept()? else {
+            return self.step_over_pf_breakpoint(mem, host);
+        };
+        let pre = {
+            let mut view = L2PhysView {
+                mem: &mut *mem,
+                ept: Some(ept),
+            };
+            fault_frame_state(&st, &mut view)
+        };
+        let Some(pre) = pre else {
+            return self.step_over_pf_breakpoint(mem, host);
+        };
+        let failed = {
+            let view = L2PhysView {
+                mem: &mut *mem,
+                ept: Some(ept),
+            };
+            let slots = self.l2_mem.as_ref().ok_or(NestedError::NoL2Vm)?;
+            failing_table_read(&pre, st.cr2, &view, slots)
+        };
+        let Some(table_gpa) = failed else {
+            return self.step_over_pf_breakpoint(mem, host);
+        };
+        let config = self.ept_config();
+        let max_gpa = self.max_l2_gpa();
+        let vmcs12 = self.cpu.current_vmcs().ok_or(NestedError::NoCurrentVmcs)?;
+        let context = ViolationContext {
+            guest_linear_address_valid: true,
+            linear_translation: false,
+            nmi_unblocking: false,
+        };
+        match decide_ept_violation(
+            vmcs12,
+            &*mem,
+            table_gpa,
+            AccessKind::Read,
+            st.cr2,
+            context,
+            config,
+        ) {
+            EptExitDecision::NoL1Ept(_) => self.step_over_pf_breakpoint(mem, host),
+            EptExitDecision::L0StaleMapping { decision, .. } => {
+                *self.stats.exits.entry((48, Handler::L0)).or_default() += 1;
+                self.last_decision = Some(("EPT violation", decision));
+                let slots = self.l2_mem.as_mut().ok_or(NestedError::NoL2Vm)?;
+                let mapping = L2Mapping::Ept {
+                    eptp: ept.eptp.encode(),
+                };
+                // An L2 page table: mapped from now on even without X.
+                slots.force_page(table_gpa);
+                slots.rebuild_on_demand(mapping, &ept, &*mem, max_gpa)?;
+                if slots.window_at(table_gpa).is_none() {
+                    return Err(NestedError::Unsupported(format!(
+                        "L2's page walk for {:#x} reads L2-physical {table_gpa:#x}, which L1's EPT maps outside RAM: KVM cannot walk page tables there",
+                        st.cr2
+                    )));
+                }
+                self.l2.set_state(&pre).map_err(l2_err)?;
+                self.l2_cached = None;
+                Ok(L2Step::Resume)
+            }
+            EptExitDecision::Reflect { exit, decision } => {
+                *self
+                    .stats
+                    .exits
+                    .entry((exit.basic_reason(), Handler::L1))
+                    .or_default() += 1;
+                self.stats.paging_structure_violations += 1;
+                tracing::debug!(table_gpa, cr2 = st.cr2, why = %decision.explanation, "L2 page walk hit an EPT hole");
+                self.last_decision = Some((exit.name(), decision));
+                self.l2_cached = None;
+                Ok(L2Step::Reflect(Box::new(Observed {
+                    exit,
+                    l2: pre,
+                    kvm_pending: false,
+                })))
+            }
+        }
+    }
+
+    /// Lets L2's own #PF handler run: one step with the breakpoint off,
+    /// then re-armed. An exit during that step is handled as usual.
+    fn step_over_pf_breakpoint(
+        &mut self,
+        mem: &mut dyn GuestPhysMemory,
+        host: &mut dyn L2Host,
+    ) -> Result<L2Step, NestedError> {
+        self.stats.l2_page_faults_passed += 1;
+        let exit = self.l2.step_one().map_err(l2_err)?;
+        let armed = self.pf_breakpoint;
+        if !self.l2.set_exec_breakpoint(armed).map_err(l2_err)? {
+            self.pf_breakpoint = None;
+        }
+        match exit {
+            VmExit::Debug { .. } => Ok(L2Step::Resume),
+            other => self.handle_l2_exit(other, mem, host),
+        }
+    }
+
     /// Turns a KVM exit of the L2 vCPU into the VMX exit a CPU would have
     /// produced, with L2's state at the instruction that caused it.
     pub fn observe(
@@ -557,6 +1066,13 @@ impl<V: FlushPending> Nested<V> {
         mem: &mut dyn GuestPhysMemory,
     ) -> Result<Observed, NestedError> {
         let mut l2 = self.l2.get_state().map_err(l2_err)?;
+        // L2's code and page tables live in L2-physical memory: through
+        // L1's EPT when vmcs12 enables it.
+        let mut view = L2PhysView {
+            mem,
+            ept: self.l2_ept()?,
+        };
+        let mem: &mut dyn GuestPhysMemory = &mut view;
         let reported_rip = l2.rip;
         let exit_kvm = exit;
         let exit = match *exit {
@@ -979,13 +1495,9 @@ fn l2_emulation_exit(
     mem: &mut dyn GuestPhysMemory,
 ) -> Result<Exit, NestedError> {
     let mode = ExecMode::of(state);
-    let bytes = if insn_bytes.is_empty() {
-        match vmx_emul::fetch_insn_bytes(state, mem) {
-            Ok(Ok(b)) => b,
-            _ => Vec::new(),
-        }
-    } else {
-        insn_bytes.to_vec()
+    let bytes = match vmx_emul::trapped_insn_bytes(state, insn_bytes, mem) {
+        Ok(Ok(b)) => b,
+        _ => Default::default(),
     };
     if bytes.is_empty() {
         // KVM could not fetch at RIP: a fetch from unbacked memory.
@@ -1033,6 +1545,434 @@ fn l2_emulation_exit(
         VmxInstruction::Vmcall => Exit::Vmcall { len },
         VmxInstruction::Vmfunc => Exit::Vmfunc { len },
     })
+}
+
+/// The L2 state with the event vmcs12 injects (VM_ENTRY_INTR_INFO_FIELD,
+/// already in `pending_event`) in a form KVM delivers exactly.
+///
+/// A software interrupt (type 4), privileged software exception (5) or
+/// software exception (6) pushes RIP + VM_ENTRY_INSTRUCTION_LEN as the
+/// return address (SDM 27.6.1.1). `KVM_SET_VCPU_EVENTS` has no instruction
+/// length (measured: KVM pushes RIP itself), so L0 advances RIP by the
+/// length before KVM delivers the event. Hardware exceptions (with or
+/// without error code), NMIs and external interrupts are delivered as they
+/// are (`test_kvm_event_injection_reaches_l2_idt`).
+pub fn deliverable_event(mut s: VcpuState) -> VcpuState {
+    const VALID: u32 = 1 << 31;
+    let Some(ev) = s.pending_event.filter(|e| e.info & VALID != 0) else {
+        return s;
+    };
+    if matches!((ev.info >> 8) & 7, 4..=6) {
+        let mask = mode_mask(ExecMode::of(&s));
+        s.rip = s.rip.wrapping_add(u64::from(ev.instruction_len)) & mask;
+        s.pending_event = Some(nested_exit::state::PendingEvent {
+            instruction_len: 0,
+            ..ev
+        });
+    }
+    s
+}
+
+/// The linear address of the 64-bit IDT gate 14 handler of `state`, if
+/// the gate is present and readable.
+fn pf_handler_address(state: &VcpuState, mem: &mut dyn GuestPhysMemory) -> Option<u64> {
+    const VECTOR: u64 = 14;
+    if u64::from(state.idtr.limit) < VECTOR * 16 + 15 {
+        return None;
+    }
+    let mut gate = [0u8; 16];
+    let la = state.idtr.base.wrapping_add(VECTOR * 16);
+    access_linear(state, mem, la, &mut gate, Access::Read)
+        .ok()?
+        .ok()?;
+    let lo = u64::from_le_bytes(gate[..8].try_into().ok()?);
+    let hi = u64::from_le_bytes(gate[8..].try_into().ok()?);
+    if lo & (1 << 47) == 0 {
+        return None;
+    }
+    Some((lo & 0xffff) | ((lo >> 32) & 0xffff_0000) | (hi << 32))
+}
+
+/// L2's state before the #PF whose 64-bit frame (error code, RIP, CS,
+/// RFLAGS, RSP, SS) is at `state`'s RSP; `None` when it cannot be read or
+/// the fault changed CS/SS (a privilege change: the hidden parts of the old
+/// segments are not in the frame).
+fn fault_frame_state(state: &VcpuState, mem: &mut dyn GuestPhysMemory) -> Option<VcpuState> {
+    let mut frame = [0u8; 48];
+    access_linear(state, mem, state.gprs.get(4), &mut frame, Access::Read)
+        .ok()?
+        .ok()?;
+    let q = |i: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(
+            frame.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+        ))
+    };
+    let (rip, cs, rflags, rsp, ss) = (q(1)?, q(2)?, q(3)?, q(4)?, q(5)?);
+    if cs as u16 != state.cs.selector || ss as u16 != state.ss.selector {
+        return None;
+    }
+    let mut pre = *state;
+    pre.rip = rip;
+    pre.rflags = rflags;
+    pre.gprs.set(4, rsp);
+    Some(pre)
+}
+
+/// Records the first read KVM's page walker could not make: an L2-physical
+/// page without a slot (L1's EPT does not map it for reading, or L0 has not
+/// mapped it yet); the read then fails, as KVM's did.
+struct RecordingMemory<'a> {
+    inner: &'a dyn GuestPhysMemory,
+    slots: &'a EptSlots,
+    failed: std::cell::Cell<Option<u64>>,
+}
+
+impl GuestPhysMemory for RecordingMemory<'_> {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), vmcs12::mem::OutOfRange> {
+        let unslotted = self.slots.window_at(gpa).is_none();
+        let r = if unslotted {
+            Err(vmcs12::mem::OutOfRange {
+                gpa,
+                len: buf.len(),
+            })
+        } else {
+            self.inner.read(gpa, buf)
+        };
+        r.inspect_err(|_| {
+            if self.failed.get().is_none() {
+                self.failed.set(Some(gpa));
+            }
+        })
+    }
+
+    fn write(&mut self, gpa: u64, buf: &[u8]) -> Result<(), vmcs12::mem::OutOfRange> {
+        Err(vmcs12::mem::OutOfRange {
+            gpa,
+            len: buf.len(),
+        })
+    }
+}
+
+/// The L2-physical address of the first paging-structure entry L2's walk
+/// for `la` cannot read through L1's EPT, if any.
+fn failing_table_read(
+    state: &VcpuState,
+    la: u64,
+    mem: &dyn GuestPhysMemory,
+    slots: &EptSlots,
+) -> Option<u64> {
+    use nested_exit::walk::{translate, Access as WalkAccess, PagingState};
+    let rec = RecordingMemory {
+        inner: mem,
+        slots,
+        failed: std::cell::Cell::new(None),
+    };
+    let _ = translate(&PagingState::from_vcpu(state), la, WalkAccess::read(), &rec);
+    rec.failed.get()
+}
+
+/// IA32_VMX_EPT_VPID_CAP bit 0: execute-only EPT translations.
+const EPT_CAP_EXECUTE_ONLY: u64 = 1;
+
+/// Whether vmcs12 enables EPT ("activate secondary controls" and "enable
+/// EPT", SDM 25.6.2).
+fn ept_enabled(v: &Vmcs12) -> bool {
+    let primary = PrimaryProcBased::from_bits_retain(v.get32(VmcsField::CPU_BASED_VM_EXEC_CONTROL));
+    let secondary =
+        SecondaryProcBased::from_bits_retain(v.get32(VmcsField::SECONDARY_VM_EXEC_CONTROL));
+    primary.contains(PrimaryProcBased::ACTIVATE_SECONDARY)
+        && secondary.contains(SecondaryProcBased::ENABLE_EPT)
+}
+
+/// MSRs that are part of L2's vCPU state: L0 answers them from L2's own
+/// vCPU when L1 does not intercept them (the L2 VM filters every MSR).
+fn own_msr(index: u32) -> bool {
+    use nested_exit::state::msr_index::*;
+    matches!(
+        index,
+        IA32_EFER
+            | IA32_PAT
+            | IA32_DEBUGCTL
+            | IA32_SYSENTER_CS
+            | IA32_SYSENTER_ESP
+            | IA32_SYSENTER_EIP
+            | IA32_KERNEL_GS_BASE
+            | IA32_FS_BASE
+            | IA32_GS_BASE
+    )
+}
+
+/// WRMSR of an [`own_msr`] into `l2`; `false` = #GP. EFER: only SCE, LME,
+/// NXE are writable, LMA is kept, and LME cannot change while paging is on
+/// (SDM Vol. 4, IA32_EFER; Vol. 3 9.8.5).
+fn write_own_msr(l2: &mut VcpuState, index: u32, value: u64) -> bool {
+    use nested_exit::state::msr_index::*;
+    const SCE: u64 = 1;
+    const NXE: u64 = 1 << 11;
+    const CR0_PG: u64 = 1 << 31;
+    match index {
+        IA32_EFER => {
+            let lma = VcpuState::EFER_LMA;
+            let lme = VcpuState::EFER_LME;
+            if value & !(SCE | lme | lma | NXE) != 0 {
+                return false;
+            }
+            let cur = l2.msrs.efer;
+            if l2.cr0 & CR0_PG != 0 && (cur ^ value) & lme != 0 {
+                return false;
+            }
+            l2.msrs.efer = (value & !lma) | (cur & lma);
+            true
+        }
+        IA32_FS_BASE | IA32_GS_BASE | IA32_KERNEL_GS_BASE | IA32_SYSENTER_ESP
+        | IA32_SYSENTER_EIP
+            if !is_canonical48(value) =>
+        {
+            false
+        }
+        _ => l2.set_msr(index, value),
+    }
+}
+
+fn is_canonical48(v: u64) -> bool {
+    ((v as i64) << 16 >> 16) as u64 == v
+}
+
+/// The value of an iced register in `state` (segment registers give their
+/// base, 0 for ES/CS/SS/DS in 64-bit mode); `None` for anything else.
+fn reg_value(state: &VcpuState, insn: &Instruction, reg: Register) -> Option<u64> {
+    let long = ExecMode::of(state) == ExecMode::Long64;
+    let seg = |s: &nested_exit::Segment, flat: bool| Some(if flat { 0 } else { s.base });
+    match reg {
+        Register::ES => seg(&state.es, long),
+        Register::CS => seg(&state.cs, long),
+        Register::SS => seg(&state.ss, long),
+        Register::DS => seg(&state.ds, long),
+        Register::FS => seg(&state.fs, false),
+        Register::GS => seg(&state.gs, false),
+        Register::RIP | Register::EIP => Some(insn.next_ip()),
+        r if r.is_gpr() => {
+            let full = r.full_register();
+            if !(Register::RAX..=Register::R15).contains(&full) {
+                return None;
+            }
+            let v = state.gprs.get(full.number() as u8);
+            Some(match r.size() {
+                1 => v & 0xff,
+                2 => v & 0xffff,
+                4 => v & 0xffff_ffff,
+                _ => v,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The memory accesses of `insn` (linear address, size) of one kind
+/// (`write`: written, else read), with `state`'s registers.
+fn memory_accesses(insn: &Instruction, state: &VcpuState, write: bool) -> Vec<(u64, usize)> {
+    let mut factory = InstructionInfoFactory::new();
+    let info = factory.info(insn);
+    let mask = mode_mask(ExecMode::of(state)).max(0xffff_ffff);
+    info.used_memory()
+        .iter()
+        .filter(|m| {
+            let a = m.access();
+            let w = matches!(
+                a,
+                OpAccess::Write
+                    | OpAccess::ReadWrite
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadCondWrite
+            );
+            let r = matches!(
+                a,
+                OpAccess::Read | OpAccess::ReadWrite | OpAccess::CondRead | OpAccess::ReadCondWrite
+            );
+            if write {
+                w
+            } else {
+                r
+            }
+        })
+        .filter_map(|m| {
+            let la = m.virtual_address(0, |reg, _, _| reg_value(state, insn, reg))?;
+            Some((la & mask, m.memory_size().size()))
+        })
+        .collect()
+}
+
+/// The linear address inside `[la, la + size)` whose translation through
+/// L2's paging is `gpa` (an MMIO fragment starts at the operand or at a
+/// page boundary inside it).
+fn linear_hitting(
+    state: &VcpuState,
+    mem: &dyn GuestPhysMemory,
+    la: u64,
+    size: usize,
+    gpa: u64,
+    write: bool,
+) -> Option<u64> {
+    use nested_exit::walk::{translate, Access as WalkAccess, PagingState};
+    let paging = PagingState::from_vcpu(state);
+    let access = if write {
+        WalkAccess::write()
+    } else {
+        WalkAccess::read()
+    };
+    let mut k = 0u64;
+    while k < size as u64 {
+        let a = la.wrapping_add(k);
+        if translate(&paging, a, access, mem).map(|t| t.gpa) == Ok(gpa) {
+            return Some(a);
+        }
+        k = (a | 0xfff).wrapping_add(1).wrapping_sub(la);
+        if k == 0 {
+            break;
+        }
+    }
+    None
+}
+
+/// The guest-linear address of a data access of `len` bytes at `gpa` by
+/// the instruction at L2's RIP, if it decodes and one of its memory
+/// operands translates there.
+fn access_gla(
+    state: &VcpuState,
+    mem: &mut dyn GuestPhysMemory,
+    gpa: u64,
+    len: usize,
+    write: bool,
+) -> Option<u64> {
+    let bytes = read_code(state, mem, state.rip, 15).or_else(|| {
+        let room = 0x1000 - (cs_linear(state, state.rip) & 0xfff) as usize;
+        read_code(state, mem, state.rip, room.min(15))
+    })?;
+    let insn = decode_one(&bytes, ExecMode::of(state), state.rip)?;
+    memory_accesses(&insn, state, write)
+        .into_iter()
+        .filter(|&(_, size)| size >= len)
+        .find_map(|(la, size)| linear_hitting(state, &*mem, la, size, gpa, write))
+}
+
+/// The instruction behind a `KVM_EXIT_MMIO` write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteStart {
+    /// RIP of its first byte.
+    pub start: u64,
+    /// Its length.
+    pub len: u8,
+    /// The linear address it wrote.
+    pub gla: u64,
+    /// Several decodings matched (the shortest is used).
+    pub ambiguous: bool,
+}
+
+/// Finds the instruction that ends at L2's RIP and wrote `len` bytes at
+/// L2-physical `gpa` (KVM reports an MMIO write with RIP after the
+/// instruction it emulated): every start 1 to 15 bytes back is decoded and
+/// kept only if it is exactly that long and one of its memory writes
+/// translates to `gpa`. The write itself went to L0, not to memory; an
+/// instruction with other effects (registers, flags: `push`, `stos`, `add`)
+/// cannot be rolled back, so it is an error, as is no match: never a guess.
+pub fn find_write_start(
+    state: &VcpuState,
+    gpa: u64,
+    len: usize,
+    mem: &mut dyn GuestPhysMemory,
+) -> Result<WriteStart, NestedError> {
+    let mode = ExecMode::of(state);
+    let mask = mode_mask(mode);
+    let mut found: Option<(WriteStart, Instruction)> = None;
+    let mut ambiguous = false;
+    for k in 1u8..=15 {
+        let start = state.rip.wrapping_sub(u64::from(k)) & mask;
+        let Some(bytes) = read_code(state, mem, start, usize::from(k)) else {
+            continue;
+        };
+        let Some(insn) = decode_one(&bytes, mode, start) else {
+            continue;
+        };
+        if insn.len() != usize::from(k) {
+            continue;
+        }
+        let hit = memory_accesses(&insn, state, true)
+            .into_iter()
+            .filter(|&(_, size)| size >= len)
+            .find_map(|(la, size)| linear_hitting(state, &*mem, la, size, gpa, true));
+        if let Some(gla) = hit {
+            if found.is_some() {
+                ambiguous = true;
+            } else {
+                found = Some((
+                    WriteStart {
+                        start,
+                        len: k,
+                        gla,
+                        ambiguous: false,
+                    },
+                    insn,
+                ));
+            }
+        }
+    }
+    let Some((mut w, insn)) = found else {
+        return Err(NestedError::InstructionNotFound {
+            what: "memory write",
+            rip: state.rip,
+            detail: format!(
+                "no instruction ending there writes {len} byte(s) at L2-physical {gpa:#x} (L2 code changed, or not readable)"
+            ),
+        });
+    };
+    w.ambiguous = ambiguous;
+    let mut factory = InstructionInfoFactory::new();
+    let info = factory.info(&insn);
+    let writes_regs = info.used_registers().iter().any(|r| {
+        !matches!(r.register(), Register::RIP | Register::EIP)
+            && matches!(
+                r.access(),
+                OpAccess::Write
+                    | OpAccess::ReadWrite
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadCondWrite
+            )
+    });
+    if writes_regs || insn.rflags_modified() != 0 {
+        return Err(NestedError::InstructionNotFound {
+            what: "side-effect-free memory write",
+            rip: state.rip,
+            detail: format!(
+                "`{insn}` at {:#x} wrote L2-physical {gpa:#x}, which L1's EPT does not let L2 write; KVM already applied its register/flag effects and L0 cannot undo them, so the EPT violation cannot be reflected exactly (use a plain `mov` store)",
+                w.start
+            ),
+        });
+    }
+    Ok(w)
+}
+
+/// The first page of the instruction at L2's RIP that has no slot: its
+/// L2-physical address and the linear address fetched; `None` when every
+/// page is backed or L2's own paging does not translate RIP.
+fn unbacked_fetch(
+    state: &VcpuState,
+    mem: &dyn GuestPhysMemory,
+    slots: &EptSlots,
+) -> Option<(u64, u64)> {
+    use nested_exit::walk::{translate, Access as WalkAccess, PagingState};
+    let paging = PagingState::from_vcpu(state);
+    let la = cs_linear(state, state.rip);
+    let mut candidates = vec![la];
+    if la & 0xfff > 0x1000 - 15 {
+        candidates.push((la | 0xfff).wrapping_add(1));
+    }
+    for a in candidates {
+        let gpa = translate(&paging, a, WalkAccess::fetch(), mem).ok()?.gpa;
+        if slots.window_at(gpa).is_none() {
+            return Some((gpa, a));
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -1129,6 +2069,10 @@ mod tests {
         fn flush_pending(&mut self) -> Result<(), FakeError> {
             self.flushes += 1;
             Ok(())
+        }
+        fn set_exec_breakpoint(&mut self, linear: Option<u64>) -> Result<bool, FakeError> {
+            self.completions.push(format!("breakpoint {linear:x?}"));
+            Ok(true)
         }
     }
 
@@ -1522,19 +2466,34 @@ mod tests {
     #[test]
     fn test_rdmsr_follows_l1_msr_bitmap() {
         let mut rig = Rig::new();
-        // rdmsr (0x277: not in L1's bitmap); rdmsr (0x1b: in it)
-        rig.l2_code(&[0x0f, 0x32, 0x0f, 0x32]);
+        // rdmsr (STAR: not in L1's bitmap, the platform answers); rdmsr
+        // (PAT: not in L1's bitmap, part of L2's own state); rdmsr (0x1b:
+        // in L1's bitmap)
+        rig.l2_code(&[0x0f, 0x32, 0x0f, 0x32, 0x0f, 0x32]);
+        rig.nested
+            .l2
+            .then(VmExit::RdMsr { index: 0xc000_0081 }, step(L2_RIP - 2, 0, 0));
         rig.nested
             .l2
             .then(VmExit::RdMsr { index: 0x277 }, step(L2_RIP, 0, 0));
         rig.nested
             .l2
             .then(VmExit::RdMsr { index: 0x1b }, step(L2_RIP + 2, 0, 0));
+        rig.vmcs().set(F::GUEST_IA32_PAT, 0x0606_0606_0606_0606);
+        let entry = rig.vmcs().get(F::VM_ENTRY_CONTROLS);
+        rig.vmcs().set(
+            F::VM_ENTRY_CONTROLS,
+            entry | u64::from(EntryControls::LOAD_PAT.bits()),
+        );
         assert_eq!(rig.vmlaunch(), VmxExitOutcome::Continue);
-        assert_eq!(rig.host.rdmsr, vec![0x277]);
+        assert_eq!(rig.host.rdmsr, vec![0xc000_0081]);
         assert_eq!(
             rig.nested.l2.completions,
-            vec!["rdmsr Some(1234)", "rdmsr Some(0)"]
+            vec![
+                "rdmsr Some(1234)",
+                "rdmsr Some(606060606060606)",
+                "rdmsr Some(0)"
+            ]
         );
         assert_eq!(rig.nested.l2.flushes, 1);
         let v = rig.vmcs();
@@ -1716,6 +2675,662 @@ mod tests {
         assert!(find_hlt_start(&s, &mut mem).is_err());
     }
 
+    const EPT_PML4: u64 = 0x38_0000;
+    const EPTP: u64 = EPT_PML4 | 0x1e;
+    /// Not mapped by L1's EPT.
+    const HOLE: u64 = 0x15_0000;
+    /// Not mapped either (fetch test).
+    const CODE_HOLE: u64 = 0x16_0000;
+    /// Mapped read+execute only.
+    const RO_PAGE: u64 = 0x17_0000;
+    /// Misconfigured (write without read).
+    const BAD_PAGE: u64 = 0x18_0000;
+
+    type Log = std::rc::Rc<std::cell::RefCell<Vec<String>>>;
+
+    /// A Rig whose vmcs12 enables EPT: L2-physical = L1-physical over the
+    /// 4 MiB except the pages above; slots go to a recorder.
+    fn ept_rig() -> (Rig, Log) {
+        use crate::ept_slots::tests::Recorder;
+        use vmcs12::controls::SecondaryProcBased;
+        let mut rig = Rig::new();
+        let m = &mut rig.mem;
+        m.write_u64(EPT_PML4, (EPT_PML4 + 0x1000) | 7).unwrap();
+        m.write_u64(EPT_PML4 + 0x1000, (EPT_PML4 + 0x2000) | 7)
+            .unwrap();
+        m.write_u64(EPT_PML4 + 0x2000, (EPT_PML4 + 0x3000) | 7)
+            .unwrap();
+        m.write_u64(EPT_PML4 + 0x2008, 0x20_0000 | 0x80 | (6 << 3) | 7)
+            .unwrap();
+        for page in 0..512u64 {
+            let gpa = page << 12;
+            let e = match gpa {
+                HOLE | CODE_HOLE => 0,
+                RO_PAGE => gpa | (6 << 3) | 5,
+                BAD_PAGE => gpa | (6 << 3) | 2,
+                _ => gpa | (6 << 3) | 7,
+            };
+            m.write_u64(EPT_PML4 + 0x3000 + page * 8, e).unwrap();
+        }
+        let caps = VmxCapabilities::default();
+        let v = rig.vmcs();
+        let p = v.get(F::CPU_BASED_VM_EXEC_CONTROL)
+            | u64::from(PrimaryProcBased::ACTIVATE_SECONDARY.bits());
+        v.set(F::CPU_BASED_VM_EXEC_CONTROL, p);
+        v.set(
+            F::SECONDARY_VM_EXEC_CONTROL,
+            adjust(
+                &caps,
+                msr::IA32_VMX_PROCBASED_CTLS2,
+                SecondaryProcBased::ENABLE_EPT.bits(),
+            ),
+        );
+        v.set(F::EPT_POINTER, EPTP);
+        let rec = Recorder::default();
+        let log = rec.0.clone();
+        rig.nested.attach_l2_slots(EptSlots::new(
+            Box::new(rec),
+            0x40_0000,
+            [crate::kvm::MemSlot {
+                slot: 0,
+                gpa: 0,
+                ram_offset: 0,
+                size: 0x40_0000,
+                read_only: false,
+            }],
+        ));
+        (rig, log)
+    }
+
+    #[test]
+    fn test_ept_launch_builds_slots_and_invept_rebuilds() {
+        let (mut rig, log) = ept_rig();
+        rig.l2_code(&[0xf4, 0xf4]);
+        rig.nested.l2.then(VmExit::Hlt, step(L2_RIP + 1, 0, 0));
+        assert_eq!(rig.vmlaunch(), VmxExitOutcome::Continue);
+        assert_eq!(rig.vmcs().get(F::VM_EXIT_REASON), 12);
+        assert_eq!(
+            *log.borrow(),
+            vec![
+                "remove 0",
+                "set 0 0x0+0x150000->0x0",
+                "set 1 0x151000+0xf000->0x151000",
+                "set 2 0x161000+0xf000->0x161000",
+                "set 3 0x170000+0x1000->0x170000 ro",
+                "set 4 0x171000+0xf000->0x171000",
+                "set 5 0x181000+0x27f000->0x181000",
+            ]
+        );
+        // VMRESUME with the same EPTP and no INVEPT: no walk, no ioctl.
+        log.borrow_mut().clear();
+        rig.vmcs().set(F::GUEST_RIP, L2_RIP + 1);
+        rig.nested.l2.then(VmExit::Hlt, step(L2_RIP + 2, 0, 0));
+        rig.exec(&[0x0f, 0x01, 0xc3]);
+        assert!(log.borrow().is_empty());
+        assert_eq!(rig.nested.slot_stats().builds, 1);
+        // L1 maps the hole elsewhere and executes INVEPT (single context).
+        rig.mem
+            .write_u64(
+                EPT_PML4 + 0x3000 + (HOLE >> 12) * 8,
+                0x25_0000 | (6 << 3) | 7,
+            )
+            .unwrap();
+        rig.mem.write_u64(PTRS + 16, EPTP).unwrap();
+        rig.mem.write_u64(PTRS + 24, 0).unwrap();
+        rig.l1.state.gprs.set(0, PTRS + 16);
+        rig.l1.state.gprs.set(1, 1);
+        // invept rcx, [rax]
+        assert_eq!(
+            rig.exec(&[0x66, 0x0f, 0x38, 0x80, 0x08]),
+            VmxExitOutcome::Continue
+        );
+        assert_eq!(rig.l1.state.rflags & 0x8d5, 0, "INVEPT succeeded");
+        assert!(rig.nested.l2_slots().unwrap().is_stale());
+        rig.vmcs().set(F::GUEST_RIP, L2_RIP);
+        rig.nested.l2.then(VmExit::Hlt, step(L2_RIP + 1, 0, 0));
+        rig.exec(&[0x0f, 0x01, 0xc3]);
+        assert_eq!(
+            *log.borrow(),
+            vec!["set 6 0x150000+0x1000->0x250000"],
+            "only the new page costs an ioctl"
+        );
+        let st = rig.nested.slot_stats();
+        assert_eq!((st.builds, st.invept_rebuilds, st.slots_kept), (2, 1, 6));
+    }
+
+    #[test]
+    fn test_ept_read_violation_reflected_with_gla() {
+        let (mut rig, _log) = ept_rig();
+        // mov rax, [rbx]
+        rig.l2_code(&[0x48, 0x8b, 0x03]);
+        rig.nested.l2.then(
+            VmExit::MmioRead {
+                gpa: HOLE + 0x10,
+                len: 8,
+            },
+            |s: &mut VcpuState| {
+                s.rip = L2_RIP;
+                s.gprs.set(3, HOLE + 0x10);
+            },
+        );
+        assert_eq!(rig.vmlaunch(), VmxExitOutcome::Continue);
+        assert_eq!(
+            rig.nested.l2.completions,
+            vec![format!("mmio {:02x?}", [0xffu8; 8])]
+        );
+        assert_eq!(rig.nested.l2.flushes, 1);
+        let v = rig.vmcs();
+        assert_eq!(v.get(F::VM_EXIT_REASON), 48);
+        // Read, no rights (not present), GLA valid, translated access.
+        assert_eq!(v.get(F::EXIT_QUALIFICATION), 0x181);
+        assert_eq!(v.get(F::GUEST_PHYSICAL_ADDRESS), HOLE + 0x10);
+        assert_eq!(v.get(F::GUEST_LINEAR_ADDRESS), HOLE + 0x10);
+        assert_eq!(v.get(F::GUEST_RIP), L2_RIP);
+        assert_eq!(rig.nested.stats().exits.get(&(48, Handler::L1)), Some(&1));
+    }
+
+    #[test]
+    fn test_ept_read_violation_without_decodable_operand_has_no_gla() {
+        let (mut rig, _log) = ept_rig();
+        // mov rax, [rbx] but RBX points elsewhere: the access is not this
+        // operand's, so bit 7 stays clear (never a guessed linear address).
+        rig.l2_code(&[0x48, 0x8b, 0x03]);
+        rig.nested.l2.then(
+            VmExit::MmioRead {
+                gpa: HOLE + 0x10,
+                len: 8,
+            },
+            |s: &mut VcpuState| {
+                s.rip = L2_RIP;
+                s.gprs.set(3, 0x1000);
+            },
+        );
+        rig.vmlaunch();
+        let v = rig.vmcs();
+        assert_eq!(v.get(F::EXIT_QUALIFICATION), 0x1);
+        assert_eq!(v.get(F::GUEST_LINEAR_ADDRESS), 0);
+    }
+
+    #[test]
+    fn test_ept_write_violation_recovers_rip_and_keeps_memory() {
+        let (mut rig, _log) = ept_rig();
+        // nop; mov [rbx], eax; hlt
+        rig.l2_code(&[0x90, 0x89, 0x03, 0xf4]);
+        rig.mem.write_u32(RO_PAGE + 8, 0xaaaa_aaaa).unwrap();
+        rig.nested.l2.then(
+            VmExit::MmioWrite {
+                gpa: RO_PAGE + 8,
+                data: vec![1, 2, 3, 4],
+            },
+            |s: &mut VcpuState| {
+                s.rip = L2_RIP + 3;
+                s.gprs.set(3, RO_PAGE + 8);
+                s.gprs.set(0, 0x0403_0201);
+            },
+        );
+        assert_eq!(rig.vmlaunch(), VmxExitOutcome::Continue);
+        let v = rig.vmcs();
+        assert_eq!(v.get(F::VM_EXIT_REASON), 48);
+        // Write; the page is readable and executable; GLA valid, translated.
+        assert_eq!(v.get(F::EXIT_QUALIFICATION), 0x2 | 0x8 | 0x20 | 0x180);
+        assert_eq!(v.get(F::GUEST_PHYSICAL_ADDRESS), RO_PAGE + 8);
+        assert_eq!(v.get(F::GUEST_LINEAR_ADDRESS), RO_PAGE + 8);
+        assert_eq!(
+            v.get(F::GUEST_RIP),
+            L2_RIP + 1,
+            "RIP at the MOV, not after it"
+        );
+        assert_eq!(rig.mem.read_u32(RO_PAGE + 8).unwrap(), 0xaaaa_aaaa);
+        assert_eq!(rig.nested.l2.flushes, 1);
+    }
+
+    #[test]
+    fn test_ept_write_start_is_verified_never_guessed() {
+        // The write's address must be the operand's.
+        let (mut rig, _log) = ept_rig();
+        rig.l2_code(&[0x90, 0x89, 0x03, 0xf4]);
+        rig.nested.l2.then(
+            VmExit::MmioWrite {
+                gpa: RO_PAGE + 0x100,
+                data: vec![1, 2, 3, 4],
+            },
+            |s: &mut VcpuState| {
+                s.rip = L2_RIP + 3;
+                s.gprs.set(3, RO_PAGE + 8);
+            },
+        );
+        let e = rig
+            .nested
+            .handle_vmx_exit(
+                &mut rig.l1,
+                &[0x0f, 0x01, 0xc2],
+                &mut rig.mem,
+                &mut rig.host,
+            )
+            .unwrap_err();
+        assert!(matches!(e, NestedError::InstructionNotFound { .. }), "{e}");
+        // ... and of that size.
+        let (mut rig, _log) = ept_rig();
+        rig.l2_code(&[0x90, 0x89, 0x03, 0xf4]);
+        rig.nested.l2.then(
+            VmExit::MmioWrite {
+                gpa: RO_PAGE + 8,
+                data: vec![0; 8],
+            },
+            |s: &mut VcpuState| {
+                s.rip = L2_RIP + 3;
+                s.gprs.set(3, RO_PAGE + 8);
+            },
+        );
+        let e = rig
+            .nested
+            .handle_vmx_exit(
+                &mut rig.l1,
+                &[0x0f, 0x01, 0xc2],
+                &mut rig.mem,
+                &mut rig.host,
+            )
+            .unwrap_err();
+        assert!(matches!(e, NestedError::InstructionNotFound { .. }), "{e}");
+        // An instruction whose flag effects KVM already applied is refused.
+        let (mut rig, _log) = ept_rig();
+        // add [rbx], eax
+        rig.l2_code(&[0x90, 0x01, 0x03, 0xf4]);
+        rig.nested.l2.then(
+            VmExit::MmioWrite {
+                gpa: RO_PAGE + 8,
+                data: vec![0; 4],
+            },
+            |s: &mut VcpuState| {
+                s.rip = L2_RIP + 3;
+                s.gprs.set(3, RO_PAGE + 8);
+            },
+        );
+        let e = rig
+            .nested
+            .handle_vmx_exit(
+                &mut rig.l1,
+                &[0x0f, 0x01, 0xc2],
+                &mut rig.mem,
+                &mut rig.host,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("cannot undo"), "{e}");
+    }
+
+    #[test]
+    fn test_ept_fetch_violation_reflected_at_the_address() {
+        let (mut rig, _log) = ept_rig();
+        rig.l2_code(&[0xe9, 0xfb, 0xff, 0x05, 0x00]); // jmp CODE_HOLE
+        rig.nested.l2.then(
+            VmExit::EmulationFailure { insn_bytes: vec![] },
+            |s: &mut VcpuState| s.rip = CODE_HOLE,
+        );
+        assert_eq!(rig.vmlaunch(), VmxExitOutcome::Continue);
+        let v = rig.vmcs();
+        assert_eq!(v.get(F::VM_EXIT_REASON), 48);
+        assert_eq!(v.get(F::EXIT_QUALIFICATION), 0x4 | 0x180);
+        assert_eq!(v.get(F::GUEST_PHYSICAL_ADDRESS), CODE_HOLE);
+        assert_eq!(v.get(F::GUEST_LINEAR_ADDRESS), CODE_HOLE);
+        assert_eq!(v.get(F::GUEST_RIP), CODE_HOLE);
+        assert_eq!(rig.nested.l2.flushes, 0);
+    }
+
+    #[test]
+    fn test_ept_misconfiguration_is_exit_49() {
+        let (mut rig, _log) = ept_rig();
+        rig.l2_code(&[0x48, 0x8b, 0x03]);
+        rig.nested.l2.then(
+            VmExit::MmioRead {
+                gpa: BAD_PAGE + 0x20,
+                len: 8,
+            },
+            |s: &mut VcpuState| {
+                s.rip = L2_RIP;
+                s.gprs.set(3, BAD_PAGE + 0x20);
+            },
+        );
+        rig.vmlaunch();
+        let v = rig.vmcs();
+        assert_eq!(v.get(F::VM_EXIT_REASON), 49);
+        assert_eq!(v.get(F::GUEST_PHYSICAL_ADDRESS), BAD_PAGE + 0x20);
+        assert_eq!(v.get(F::EXIT_QUALIFICATION), 0);
+        assert_eq!(rig.nested.stats().exits.get(&(49, Handler::L1)), Some(&1));
+    }
+
+    #[test]
+    fn test_ept_page_mapped_later_is_handled_by_l0() {
+        let (mut rig, log) = ept_rig();
+        rig.l2_code(&[0xf4, 0x48, 0x8b, 0x03, 0x89, 0x03, 0xf4]);
+        rig.nested.l2.then(VmExit::Hlt, step(L2_RIP + 1, 0, 0));
+        rig.vmlaunch();
+        // L1 fills the hole (no INVEPT needed for a not-present entry) and
+        // makes the read-only page writable, then resumes L2.
+        rig.mem
+            .write_u64(
+                EPT_PML4 + 0x3000 + (HOLE >> 12) * 8,
+                0x25_0000 | (6 << 3) | 7,
+            )
+            .unwrap();
+        rig.mem
+            .write_u64(
+                EPT_PML4 + 0x3000 + (RO_PAGE >> 12) * 8,
+                RO_PAGE | (6 << 3) | 7,
+            )
+            .unwrap();
+        rig.mem.write_u64(0x25_0010, 0x1122_3344_5566_7788).unwrap();
+        rig.vmcs().set(F::GUEST_RIP, L2_RIP + 1);
+        log.borrow_mut().clear();
+        rig.nested.l2.then(
+            VmExit::MmioRead {
+                gpa: HOLE + 0x10,
+                len: 8,
+            },
+            |s: &mut VcpuState| {
+                s.rip = L2_RIP + 1;
+                s.gprs.set(3, HOLE + 0x10);
+            },
+        );
+        rig.nested.l2.then(
+            VmExit::MmioWrite {
+                gpa: RO_PAGE + 8,
+                data: vec![1, 2, 3, 4],
+            },
+            |s: &mut VcpuState| {
+                s.rip = L2_RIP + 6;
+                s.gprs.set(3, RO_PAGE + 8);
+            },
+        );
+        rig.nested.l2.then(VmExit::Hlt, step(L2_RIP + 7, 0, 0));
+        assert_eq!(rig.exec(&[0x0f, 0x01, 0xc3]), VmxExitOutcome::Continue);
+        // The read got L1's data, the write reached L1's RAM; L1 saw only
+        // the HLT.
+        assert_eq!(
+            rig.nested.l2.completions,
+            vec![format!(
+                "mmio {:02x?}",
+                0x1122_3344_5566_7788u64.to_le_bytes()
+            )]
+        );
+        assert_eq!(rig.mem.read_u32(RO_PAGE + 8).unwrap(), 0x0403_0201);
+        assert_eq!(rig.vmcs().get(F::VM_EXIT_REASON), 12);
+        let s = rig.nested.stats();
+        assert_eq!(s.exits.get(&(48, Handler::L0)), Some(&2));
+        assert_eq!(s.exits.get(&(48, Handler::L1)), None);
+        assert_eq!(s.stale_writes_applied, 1);
+        assert_eq!(rig.nested.slot_stats().on_demand_rebuilds, 2);
+        let slots = rig.nested.l2_slots().unwrap();
+        assert_eq!(slots.window_at(HOLE).unwrap().ram_offset, 0x25_0000);
+        assert!(!slots.window_at(RO_PAGE).unwrap().read_only);
+        assert!(log
+            .borrow()
+            .iter()
+            .any(|l| l.contains("0x150000+0x1000->0x250000")));
+    }
+
+    #[test]
+    fn test_ept_non_executable_page_has_no_slot() {
+        let (mut rig, _log) = ept_rig();
+        const NX: u64 = 0x19_0000;
+        rig.mem
+            .write_u64(EPT_PML4 + 0x3000 + (NX >> 12) * 8, NX | (6 << 3) | 3)
+            .unwrap();
+        rig.mem.write_u64(NX + 8, 0xfeed).unwrap();
+        rig.l2_code(&[0x48, 0x8b, 0x03, 0xf4]);
+        rig.nested.l2.then(
+            VmExit::MmioRead {
+                gpa: NX + 8,
+                len: 8,
+            },
+            |s: &mut VcpuState| {
+                s.rip = L2_RIP;
+                s.gprs.set(3, NX + 8);
+            },
+        );
+        rig.nested.l2.then(
+            VmExit::EmulationFailure { insn_bytes: vec![] },
+            |s: &mut VcpuState| s.rip = NX,
+        );
+        assert_eq!(rig.vmlaunch(), VmxExitOutcome::Continue);
+        assert!(rig.nested.l2_slots().unwrap().window_at(NX).is_none());
+        // The read was L0's (no rebuild: the page never gets a slot) ...
+        assert_eq!(
+            rig.nested.l2.completions[0],
+            format!("mmio {:02x?}", 0xfeedu64.to_le_bytes())
+        );
+        assert_eq!(rig.nested.stats().unslotted_accesses, 1);
+        assert_eq!(rig.nested.slot_stats().on_demand_rebuilds, 0);
+        // ... the fetch is L1's: R and W but not X.
+        let v = rig.vmcs();
+        assert_eq!(v.get(F::VM_EXIT_REASON), 48);
+        assert_eq!(v.get(F::EXIT_QUALIFICATION), 0x4 | 0x8 | 0x10 | 0x180);
+        assert_eq!(v.get(F::GUEST_RIP), NX);
+    }
+
+    /// L2 paging for a second 512 GiB: PML4[1] -> PDPT at `PDPT_HI`, an
+    /// L2-physical page the test leaves out of L1's EPT; IDT gate 14 ->
+    /// 0x5000; a #PF frame on L2's stack.
+    const PDPT_HI: u64 = 0x1a_0000;
+    const PF_HANDLER: u64 = 0x5000;
+    const FAULT_LA: u64 = 0x80_0000_1234;
+
+    fn pf_rig() -> (Rig, Log) {
+        let (mut rig, log) = ept_rig();
+        rig.mem.write_u64(PML4 + 8, PDPT_HI | 3).unwrap();
+        rig.mem
+            .write_u64(EPT_PML4 + 0x3000 + (PDPT_HI >> 12) * 8, 0)
+            .unwrap();
+        let gate_lo = (PF_HANDLER & 0xffff) | (0x08 << 16) | (0x8e00u64 << 32);
+        rig.mem.write_u64(0x6800 + 14 * 16, gate_lo).unwrap();
+        rig.mem.write_u64(0x6808 + 14 * 16, 0).unwrap();
+        // Frame at 0x8ffd0: error 0, RIP, CS, RFLAGS, RSP, SS.
+        for (i, v) in [0, L2_RIP, 0x08, 0x2, 0x9_0000, 0x10].iter().enumerate() {
+            rig.mem.write_u64(0x8_ffd0 + 8 * i as u64, *v).unwrap();
+        }
+        rig.l2_code(&[0x48, 0x8b, 0x03, 0xf4]);
+        (rig, log)
+    }
+
+    fn pf_delivered(cr2: u64) -> impl FnMut(&mut VcpuState) {
+        move |s: &mut VcpuState| {
+            s.rip = PF_HANDLER;
+            s.cr2 = cr2;
+            s.gprs.set(4, 0x8_ffd0);
+        }
+    }
+
+    #[test]
+    fn test_page_walk_through_ept_hole_is_reflected_as_paging_structure_violation() {
+        let (mut rig, _log) = pf_rig();
+        rig.nested.l2.then(
+            VmExit::Debug {
+                pc: PF_HANDLER,
+                dr6: 0,
+            },
+            pf_delivered(FAULT_LA),
+        );
+        assert_eq!(rig.vmlaunch(), VmxExitOutcome::Continue);
+        assert!(rig
+            .nested
+            .l2
+            .completions
+            .contains(&format!("breakpoint {:x?}", Some(PF_HANDLER))));
+        let v = rig.vmcs();
+        assert_eq!(v.get(F::VM_EXIT_REASON), 48);
+        // Read of a paging-structure entry: GLA valid, bit 8 clear.
+        assert_eq!(v.get(F::EXIT_QUALIFICATION), 0x81);
+        assert_eq!(v.get(F::GUEST_PHYSICAL_ADDRESS), PDPT_HI);
+        assert_eq!(v.get(F::GUEST_LINEAR_ADDRESS), FAULT_LA);
+        // The #PF delivery is undone.
+        assert_eq!(v.get(F::GUEST_RIP), L2_RIP);
+        assert_eq!(v.get(F::GUEST_RSP), 0x9_0000);
+        assert_eq!(rig.nested.stats().paging_structure_violations, 1);
+    }
+
+    #[test]
+    fn test_l2_own_page_fault_passes_the_breakpoint() {
+        let (mut rig, _log) = pf_rig();
+        // A not-present PML4 entry: L2's own #PF, L0 steps over it.
+        rig.nested.l2.then(
+            VmExit::Debug {
+                pc: PF_HANDLER,
+                dr6: 0,
+            },
+            pf_delivered(0x100_0000_0000),
+        );
+        rig.nested.l2.then(
+            VmExit::Debug {
+                pc: PF_HANDLER + 1,
+                dr6: 0x4000,
+            },
+            |s: &mut VcpuState| s.rip = PF_HANDLER + 1,
+        );
+        rig.nested.l2.then(VmExit::Hlt, step(L2_RIP + 4, 0, 0));
+        assert_eq!(rig.vmlaunch(), VmxExitOutcome::Continue);
+        assert_eq!(rig.vmcs().get(F::VM_EXIT_REASON), 12);
+        assert_eq!(rig.nested.stats().l2_page_faults_passed, 1);
+        // Disarmed for the step, re-armed after it.
+        let bps: Vec<_> = rig
+            .nested
+            .l2
+            .completions
+            .iter()
+            .filter(|c| c.starts_with("breakpoint"))
+            .cloned()
+            .collect();
+        assert_eq!(bps, vec!["breakpoint Some(5000)", "breakpoint Some(5000)"]);
+    }
+
+    #[test]
+    fn test_page_walk_through_page_mapped_later_forces_a_slot() {
+        let (mut rig, log) = pf_rig();
+        // L1's EPT maps the PDPT page readable but not executable: it had
+        // no slot, so KVM's walk failed; L0 maps it and L2 retries.
+        rig.mem
+            .write_u64(
+                EPT_PML4 + 0x3000 + (PDPT_HI >> 12) * 8,
+                PDPT_HI | (6 << 3) | 1,
+            )
+            .unwrap();
+        rig.nested.l2.then(
+            VmExit::Debug {
+                pc: PF_HANDLER,
+                dr6: 0,
+            },
+            pf_delivered(FAULT_LA),
+        );
+        rig.nested.l2.then(VmExit::Hlt, step(L2_RIP + 4, 0, 0));
+        assert_eq!(rig.vmlaunch(), VmxExitOutcome::Continue);
+        assert_eq!(rig.vmcs().get(F::VM_EXIT_REASON), 12);
+        let retried = rig.nested.l2.sets.last().unwrap();
+        assert_eq!((retried.rip, retried.gprs.get(4)), (L2_RIP, 0x9_0000));
+        let w = rig.nested.l2_slots().unwrap().window_at(PDPT_HI).unwrap();
+        assert!(w.read_only);
+        assert!(log.borrow().iter().any(|l| l.contains("0x1a0000+0x1000")));
+        assert_eq!(rig.nested.stats().exits.get(&(48, Handler::L0)), Some(&1));
+    }
+
+    #[test]
+    fn test_ept_without_attached_vm_is_a_clear_error() {
+        let (mut rig, _log) = ept_rig();
+        rig.nested.l2_mem = None;
+        let e = rig
+            .nested
+            .handle_vmx_exit(
+                &mut rig.l1,
+                &[0x0f, 0x01, 0xc2],
+                &mut rig.mem,
+                &mut rig.host,
+            )
+            .unwrap_err();
+        assert!(matches!(e, NestedError::NoL2Vm), "{e}");
+    }
+
+    #[test]
+    fn test_l2_code_is_read_through_l1_ept() {
+        // L2-physical L2_RIP lives at L1-physical 0x26_0000: the OUT's
+        // start is found there, not in L1's page at L2_RIP.
+        let (mut rig, _log) = ept_rig();
+        rig.mem
+            .write_u64(
+                EPT_PML4 + 0x3000 + (L2_RIP >> 12) * 8,
+                0x26_0000 | (6 << 3) | 7,
+            )
+            .unwrap();
+        rig.mem.write(0x26_0000, &[0x90, 0xee]).unwrap(); // nop; out dx, al
+        rig.l2_code(&[0x90, 0x90, 0x90]);
+        rig.nested.l2.then(
+            VmExit::IoOut {
+                port: 0x3f8,
+                size: 1,
+                data: 0,
+            },
+            step(L2_RIP + 2, 0x3f8, 0),
+        );
+        rig.vmlaunch();
+        let v = rig.vmcs();
+        assert_eq!(v.get(F::VM_EXIT_REASON), 30);
+        assert_eq!(v.get(F::GUEST_RIP), L2_RIP + 1);
+    }
+
+    #[test]
+    fn test_injected_software_interrupt_advances_rip_by_its_length() {
+        let mut rig = Rig::new();
+        rig.l2_code(&[0xcd, 0x30, 0xf4]);
+        rig.vmcs()
+            .set(F::VM_ENTRY_INTR_INFO_FIELD, 0x30 | (4 << 8) | (1 << 31));
+        rig.vmcs().set(F::VM_ENTRY_INSTRUCTION_LEN, 2);
+        rig.nested.l2.then(VmExit::Hlt, step(L2_RIP + 3, 0, 0));
+        rig.vmlaunch();
+        let loaded = rig.nested.l2.sets[0];
+        assert_eq!(loaded.rip, L2_RIP + 2);
+        assert_eq!(loaded.pending_event.unwrap().info, 0x8000_0430);
+        // The valid bit is clear after the exit (SDM 27.2.2... prepare_vmcs12).
+        assert_eq!(rig.vmcs().get(F::VM_ENTRY_INTR_INFO_FIELD) >> 31, 0);
+        // A hardware exception with an error code is passed on unchanged.
+        let mut rig = Rig::new();
+        rig.l2_code(&[0xf4]);
+        rig.vmcs().set(
+            F::VM_ENTRY_INTR_INFO_FIELD,
+            13 | (3 << 8) | (1 << 11) | (1 << 31),
+        );
+        rig.vmcs().set(F::VM_ENTRY_EXCEPTION_ERROR_CODE, 0x18);
+        rig.nested.l2.then(VmExit::Hlt, step(L2_RIP + 1, 0, 0));
+        rig.vmlaunch();
+        let loaded = rig.nested.l2.sets[0];
+        assert_eq!(loaded.rip, L2_RIP);
+        let ev = loaded.pending_event.unwrap();
+        assert_eq!((ev.info, ev.error_code), (0x8000_0b0d, 0x18));
+    }
+
+    #[test]
+    fn test_l2_wrmsr_efer_goes_to_l2_state() {
+        let mut rig = Rig::new();
+        rig.l2_code(&[0x0f, 0x30, 0xf4]);
+        rig.nested.l2.then(
+            VmExit::WrMsr {
+                index: 0xc000_0080,
+                data: EFER_64 | 0x800,
+            },
+            step(L2_RIP, 0, 0),
+        );
+        rig.nested.l2.then(VmExit::Hlt, step(L2_RIP + 3, 0, 0));
+        rig.vmlaunch();
+        assert_eq!(rig.nested.l2.completions, vec!["wrmsr true"]);
+        let last = rig.nested.l2.sets.last().unwrap();
+        assert_eq!(last.msrs.efer & 0x800, 0x800);
+        assert!(rig.host.rdmsr.is_empty());
+        // Clearing LME with paging on is #GP.
+        let mut s = l1_state();
+        s.cr0 |= 1 << 31;
+        s.msrs.efer = EFER_64;
+        assert!(!write_own_msr(&mut s, 0xc000_0080, 0x1));
+        assert!(!write_own_msr(&mut s, 0xc000_0080, EFER_64 | 0x4));
+        assert!(write_own_msr(&mut s, 0xc000_0080, EFER_64 | 0x801));
+        assert_eq!(s.msrs.efer, EFER_64 | 0x801);
+        assert!(!write_own_msr(&mut s, 0xc000_0100, 0x8000_0000_0000_0000));
+    }
+
     /// The whole path on /dev/kvm: L1 (hand-assembled, 64-bit) runs VMXON,
     /// VMCLEAR, VMPTRLD and VMLAUNCH, each trapped and emulated; L2 writes
     /// port 0xe9 (L0 prints it) and then port 0x3f8 (L1 intercepts it): the
@@ -1808,5 +3423,238 @@ mod tests {
             }
         }
         panic!("L1 did not come back from L2");
+    }
+
+    /// A 64-bit L2 vCPU on /dev/kvm (memory() page tables, GDT, an IDT
+    /// whose gates 13, 0x30 and 0x31 point at handlers that report the
+    /// frame with OUT 0x80 (error code) and OUT 0x81 (return RIP)).
+    fn kvm_l2_with_idt() -> Option<(
+        std::sync::Arc<crate::memory::GuestRam>,
+        crate::kvm::KvmVm,
+        crate::kvm::KvmVcpu,
+    )> {
+        use crate::kvm::KvmVm;
+        use crate::memory::GuestRam;
+        use std::sync::Arc;
+        if !crate::test_support::kvm_or_skip() {
+            return None;
+        }
+        let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
+        ram.write_bytes(0, &memory().bytes).unwrap();
+        let gdt: [u64; 5] = [
+            0,
+            0x00af_9b00_0000_ffff,
+            0x00cf_9300_0000_ffff,
+            0x0000_8b00_7000_0067,
+            0,
+        ];
+        for (i, d) in gdt.iter().enumerate() {
+            ram.write_bytes(0x6000 + 8 * i as u64, &d.to_le_bytes())
+                .unwrap();
+        }
+        let gate = |vector: u64, handler: u64| {
+            let lo = (handler & 0xffff)
+                | (0x08 << 16)
+                | (0x8e00u64 << 32)
+                | ((handler >> 16) & 0xffff) << 48;
+            let hi = handler >> 32;
+            ram.write_bytes(0x6800 + 16 * vector, &lo.to_le_bytes())
+                .unwrap();
+            ram.write_bytes(0x6808 + 16 * vector, &hi.to_le_bytes())
+                .unwrap();
+        };
+        // 13: pop rax; out 0x80, eax; pop rax; out 0x81, eax; hlt
+        ram.write_bytes(0x5000, &[0x58, 0xe7, 0x80, 0x58, 0xe7, 0x81, 0xf4])
+            .unwrap();
+        gate(13, 0x5000);
+        // 0x30, 0x31: pop rax; out 0x81, eax; hlt
+        ram.write_bytes(0x5100, &[0x58, 0xe7, 0x81, 0xf4]).unwrap();
+        gate(0x30, 0x5100);
+        gate(0x31, 0x5100);
+        // L2 code at 0x7800: int 0x30; nop x 4; hlt
+        ram.write_bytes(0x7800, &[0xcd, 0x30, 0x90, 0x90, 0x90, 0x90, 0xf4])
+            .unwrap();
+        let vm = KvmVm::new_l2(ram.clone()).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        Some((ram, vm, vcpu))
+    }
+
+    /// Runs `vcpu` from 0x7800 with `event` until HLT; returns the OUTs.
+    fn run_with_event(
+        vcpu: &mut crate::kvm::KvmVcpu,
+        event: nested_exit::state::PendingEvent,
+        rflags: u64,
+    ) -> Vec<(u16, u32)> {
+        let base = vcpu.get_state().unwrap();
+        let mut st = l1_state();
+        st.msrs = nested_exit::VmxMsrs {
+            efer: EFER_64 | VcpuState::EFER_LMA,
+            ..base.msrs
+        };
+        st.gdtr.limit = 0x27;
+        st.rip = 0x7800;
+        st.rflags = rflags;
+        st.gprs.set(4, 0x7_f000);
+        st.pending_event = Some(event);
+        let st = deliverable_event(st);
+        vcpu.set_state(&st).unwrap();
+        let mut outs = Vec::new();
+        for _ in 0..10 {
+            match vcpu.run().unwrap() {
+                VmExit::IoOut { port, data, .. } => outs.push((port, data)),
+                VmExit::Hlt => return outs,
+                other => panic!("unexpected exit {other:?} after {outs:x?}"),
+            }
+        }
+        panic!("no HLT: {outs:x?}");
+    }
+
+    #[test]
+    fn test_kvm_event_injection_reaches_l2_idt() {
+        use nested_exit::state::PendingEvent;
+        let Some((_ram, _vm, mut vcpu)) = kvm_l2_with_idt() else {
+            return;
+        };
+        // #GP(0x1234), a hardware exception with error code: RIP of the
+        // faulting instruction is pushed.
+        let gp = PendingEvent {
+            info: 13 | (3 << 8) | (1 << 11) | (1 << 31),
+            error_code: 0x1234,
+            instruction_len: 0,
+        };
+        assert_eq!(
+            run_with_event(&mut vcpu, gp, 0x2),
+            vec![(0x80, 0x1234), (0x81, 0x7800)]
+        );
+        // INT 0x30 (software interrupt, length 2): the return RIP is after it.
+        let soft = PendingEvent {
+            info: 0x30 | (4 << 8) | (1 << 31),
+            error_code: 0,
+            instruction_len: 2,
+        };
+        assert_eq!(run_with_event(&mut vcpu, soft, 0x2), vec![(0x81, 0x7802)]);
+        // External interrupt 0x31 (IF = 1): the return RIP is the next
+        // instruction to execute.
+        let ext = PendingEvent {
+            info: 0x31 | (1 << 31),
+            error_code: 0,
+            instruction_len: 0,
+        };
+        assert_eq!(run_with_event(&mut vcpu, ext, 0x202), vec![(0x81, 0x7800)]);
+    }
+
+    /// A real-mode L2 state (what prepare_vmcs02 builds for an
+    /// unrestricted guest at a reset-like state) loads into a KVM vCPU, and
+    /// the code switches to protected mode itself: LGDT, CR0.PE = 1 (the
+    /// intermediate state: PE = 1 with a real-mode CS runs on), far jump
+    /// into 32-bit code. The intermediate state also loads directly.
+    #[test]
+    fn test_kvm_real_mode_l2_switches_to_protected_mode() {
+        use crate::kvm::KvmVm;
+        use crate::memory::GuestRam;
+        use nested_exit::Segment;
+        use std::sync::Arc;
+        if !crate::test_support::kvm_or_skip() {
+            return;
+        }
+        let ram = Arc::new(GuestRam::new(2 << 20).unwrap());
+        let code16: &[u8] = &[
+            0xb0, 0x41, // mov al, 'A'
+            0xe6, 0xe9, // out 0xe9, al
+            0x0f, 0x01, 0x16, 0x00, 0x7d, // lgdt [0x7d00]
+            0x0f, 0x20, 0xc0, // mov eax, cr0
+            0x66, 0x83, 0xc8, 0x01, // or eax, 1
+            0x0f, 0x22, 0xc0, // mov cr0, eax
+            0xe6, 0x80, // out 0x80, al (PE = 1, CS still real-mode)
+            0x66, 0xea, 0x40, 0x7c, 0x00, 0x00, 0x08, 0x00, // jmp far 0x08:0x7c40
+        ];
+        ram.write_bytes(0x7c00, code16).unwrap();
+        // 32-bit: mov ax, 0x10; mov ds, ax; out 0x81, al; hlt
+        ram.write_bytes(
+            0x7c40,
+            &[0x66, 0xb8, 0x10, 0x00, 0x8e, 0xd8, 0xe6, 0x81, 0xf4],
+        )
+        .unwrap();
+        ram.write_bytes(0x7d00, &[0x17, 0x00, 0x08, 0x7d, 0x00, 0x00])
+            .unwrap();
+        for (i, d) in [0u64, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff]
+            .iter()
+            .enumerate()
+        {
+            ram.write_bytes(0x7d08 + 8 * i as u64, &d.to_le_bytes())
+                .unwrap();
+        }
+        let vm = KvmVm::new_l2(ram.clone()).unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let base = vcpu.get_state().unwrap();
+        let real = |ar: u32, sel: u16| Segment {
+            selector: sel,
+            base: u64::from(sel) << 4,
+            limit: 0xffff,
+            ar,
+        };
+        let mut st = base;
+        st.cr0 = 0x10;
+        st.cr3 = 0;
+        st.cr4 = 0;
+        st.msrs.efer = 0;
+        st.rflags = 0x2;
+        st.rip = 0x7c00;
+        st.cs = real(0x9b, 0);
+        for seg in [&mut st.ds, &mut st.es, &mut st.ss, &mut st.fs, &mut st.gs] {
+            *seg = real(0x93, 0);
+        }
+        st.tr = Segment {
+            selector: 0,
+            base: 0,
+            limit: 0xffff,
+            ar: 0x8b,
+        };
+        st.ldtr = Segment {
+            ar: Segment::AR_UNUSABLE,
+            ..Default::default()
+        };
+        st.gdtr = Default::default();
+        st.idtr = nested_exit::state::DescriptorTable {
+            base: 0,
+            limit: 0x3ff,
+        };
+        vcpu.set_state(&st).unwrap();
+        let mut outs = Vec::new();
+        loop {
+            match vcpu.run().unwrap() {
+                VmExit::IoOut { port, data, .. } => {
+                    let s = vcpu.get_state().unwrap();
+                    outs.push((port, data & 0xff, s.cr0 & 1, s.cs.selector));
+                }
+                VmExit::Hlt => break,
+                other => panic!("unexpected exit {other:?} after {outs:x?}"),
+            }
+            assert!(outs.len() < 10);
+        }
+        assert_eq!(
+            outs,
+            vec![
+                (0xe9, 0x41, 0, 0),
+                (0x80, 0x11, 1, 0),
+                (0x81, 0x10, 1, 0x08)
+            ]
+        );
+        // The intermediate state itself (PE = 1, CS selector/base of real
+        // mode) loads and runs: continue at the far jump.
+        let mut mid = st;
+        mid.cr0 = 0x11;
+        mid.cs = real(0x9b, 0x07c0);
+        mid.rip = 0x15; // 0x7c15: the far jump
+        mid.gdtr = nested_exit::state::DescriptorTable {
+            base: 0x7d08,
+            limit: 0x17,
+        };
+        vcpu.set_state(&mid).unwrap();
+        match vcpu.run().unwrap() {
+            VmExit::IoOut { port: 0x81, .. } => {}
+            other => panic!("intermediate state: {other:?}"),
+        }
+        assert_eq!(vcpu.get_state().unwrap().cs.selector, 0x08);
     }
 }

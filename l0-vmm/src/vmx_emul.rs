@@ -20,6 +20,8 @@
 //! (`InsnContext::vmxe`); the caller (`nested.rs`) keeps it and passes it
 //! in (see `docs/architecture.md`).
 
+use std::borrow::Cow;
+
 use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, Instruction, OpKind, Register};
 use nested_exit::{walk, Segment, VcpuState};
 use vmcs12::vmx::VmxOperation;
@@ -892,6 +894,34 @@ pub fn fetch_insn_bytes(
         }
     }
     Ok(Ok(out))
+}
+
+/// The bytes of a trapped instruction: those KVM reported or, when it
+/// reported none, up to 15 fetched at CS:RIP (`Ok(Err(fault))` when that
+/// fetch faults).
+pub fn trapped_insn_bytes<'a>(
+    state: &VcpuState,
+    reported: &'a [u8],
+    mem: &mut dyn GuestPhysMemory,
+) -> Result<Result<Cow<'a, [u8]>, VmxFault>, EmulError> {
+    if reported.is_empty() {
+        Ok(fetch_insn_bytes(state, mem)?.map(Cow::Owned))
+    } else {
+        Ok(Ok(Cow::Borrowed(reported)))
+    }
+}
+
+/// The VMX instruction at L1's CS:RIP, if the trapped bytes decode as one
+/// in L1's mode; `None` for anything else, including a fetch that faults.
+pub fn vmx_instruction_at(
+    state: &VcpuState,
+    reported: &[u8],
+    mem: &mut dyn GuestPhysMemory,
+) -> Option<VmxInstruction> {
+    let bytes = trapped_insn_bytes(state, reported, mem).ok()?.ok()?;
+    decode_vmx(&bytes, ExecMode::of(state), state.rip)
+        .ok()
+        .map(|d| d.kind)
 }
 
 /// The result of one trapped VMX instruction.

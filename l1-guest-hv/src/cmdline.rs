@@ -18,6 +18,15 @@ pub enum TestMode {
     Exception,
     /// L2 does many intercepted OUTs; L1 counts them and prints one line.
     Bench,
+    /// EPT with holes, a read-only, a non-executable and a misconfigured
+    /// page; L1 checks each EPT exit and maps pages on demand.
+    Ept,
+    /// Unrestricted guest: L2 boots from real mode to long mode.
+    Realmode,
+    /// The real-mode L2 without unrestricted guest: VM entry refuses it.
+    RealmodeNoUg,
+    /// Event injection: #GP with error code, INT n, external interrupt.
+    Inject,
 }
 
 impl TestMode {
@@ -29,6 +38,10 @@ impl TestMode {
         TestMode::Cpuid,
         TestMode::Exception,
         TestMode::Bench,
+        TestMode::Ept,
+        TestMode::Realmode,
+        TestMode::RealmodeNoUg,
+        TestMode::Inject,
     ];
 
     /// The name used after `test=`.
@@ -40,6 +53,10 @@ impl TestMode {
             TestMode::Cpuid => "cpuid",
             TestMode::Exception => "exception",
             TestMode::Bench => "bench",
+            TestMode::Ept => "ept",
+            TestMode::Realmode => "realmode",
+            TestMode::RealmodeNoUg => "realmode-no-ug",
+            TestMode::Inject => "inject",
         }
     }
 
@@ -96,6 +113,8 @@ mod tests {
             Ok(TestMode::VmxErrors)
         );
         assert_eq!(test_mode("test=rip-change  quiet"), Ok(TestMode::RipChange));
+        assert_eq!(test_mode("test=realmode-no-ug"), Ok(TestMode::RealmodeNoUg));
+        assert_eq!(test_mode("test=ept"), Ok(TestMode::Ept));
     }
 
     #[test]

@@ -302,6 +302,33 @@ impl LineBuffer {
     }
 }
 
+/// The number written as `KEY0x<hex>` in a console line (how L2 reports
+/// values, e.g. `#GP error=0x000000000000abc0`); `None` when the key is
+/// missing or not followed by 1-16 hex digits.
+pub fn hex_field(line: &str, key: &str) -> Option<u64> {
+    // Plain byte loops: `str::find` and `from_str_radix` would pull SSE
+    // code and `core::fmt` from the precompiled `core` (see `text.rs`).
+    let (bytes, key) = (line.as_bytes(), key.as_bytes());
+    let start = (0..bytes.len()).find(|&i| bytes.get(i..i + key.len()) == Some(key))? + key.len();
+    let rest = bytes.get(start..)?.strip_prefix(b"0x")?;
+    let mut value = 0u64;
+    let mut digits = 0;
+    for &b in rest {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => break,
+        };
+        digits += 1;
+        if digits > 16 {
+            return None;
+        }
+        value = (value << 4) | u64::from(d);
+    }
+    (digits > 0).then_some(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,6 +425,18 @@ mod tests {
         }
         assert_eq!(lines, ["hello", "from.L2"]);
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn test_hex_field() {
+        let line = "#GP error=0x000000000000abc0 rip=0x0000000000100a2c";
+        assert_eq!(hex_field(line, "error="), Some(0xabc0));
+        assert_eq!(hex_field(line, "rip="), Some(0x10_0a2c));
+        assert_eq!(hex_field(line, "cs="), None);
+        assert_eq!(hex_field("v=0x", "v="), None);
+        assert_eq!(hex_field("v=12", "v="), None);
+        assert_eq!(hex_field("v=0x12345678123456789", "v="), None);
+        assert_eq!(hex_field("v=0xFFz", "v="), Some(0xff));
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub mod abi;
 pub mod bitmaps;
 pub mod caps;
 pub mod cmdline;
+pub mod ept;
+pub mod event;
 pub mod exit;
 pub mod multiboot;
 pub mod segment;

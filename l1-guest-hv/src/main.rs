@@ -11,10 +11,16 @@ mod io;
 mod boot;
 #[path = "kernel/cpu.rs"]
 mod cpu;
+#[path = "kernel/ept_mode.rs"]
+mod ept_mode;
 #[path = "kernel/hv.rs"]
 mod hv;
+#[path = "kernel/inject.rs"]
+mod inject;
 #[path = "kernel/modes.rs"]
 mod modes;
+#[path = "kernel/realmode.rs"]
+mod realmode;
 #[path = "kernel/rt.rs"]
 mod rt;
 #[path = "kernel/vmx.rs"]

@@ -11,6 +11,7 @@ pub mod decide;
 pub mod ept;
 pub mod exit;
 pub mod exit_info;
+pub mod record;
 pub mod state;
 pub mod transfer;
 pub mod walk;

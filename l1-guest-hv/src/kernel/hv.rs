@@ -8,7 +8,7 @@ use l1_guest_hv::caps::{self, adjust_control, apply_fixed, FeatureControlAction,
 use l1_guest_hv::exit::{ExitLine, ShowOutcome};
 use l1_guest_hv::segment::{access_rights, AR_UNUSABLE};
 use l1_guest_hv::text::Hex;
-use vmcs12::controls::{EntryControls, ExitControls, PrimaryProcBased};
+use vmcs12::controls::{EntryControls, ExitControls, PrimaryProcBased, SecondaryProcBased};
 use vmcs12::{VmcsField, VmxOutcome};
 
 use crate::boot::{KERNEL_CS, KERNEL_DS, KERNEL_TSS};
@@ -48,6 +48,8 @@ pub struct Caps {
     pub fixed: [u64; 4],
     /// IA32_VMX_EPT_VPID_CAP, if readable.
     pub ept_vpid: Option<u64>,
+    /// IA32_VMX_PROCBASED_CTLS2, when secondary controls may be activated.
+    pub ctls2: Option<u64>,
 }
 
 fn rdmsr_logged(name: &str, msr: u32) -> Option<u64> {
@@ -105,6 +107,7 @@ pub fn read_caps() -> Option<Caps> {
         misc,
         fixed,
         ept_vpid,
+        ctls2,
     })
 }
 
@@ -172,6 +175,11 @@ pub struct GuestSpec<'a> {
     pub msrs: &'a [u32],
     /// EXCEPTION_BITMAP.
     pub exception_bitmap: u32,
+    /// Wanted secondary processor-based controls (0: secondary controls
+    /// stay off).
+    pub secondary: u32,
+    /// EPT_POINTER, written when `secondary` enables EPT.
+    pub eptp: u64,
 }
 
 /// A failed VMWRITE during setup.
@@ -231,9 +239,12 @@ pub fn setup_vmcs(caps: &Caps, spec: &GuestSpec<'_>) -> Result<(), SetupError> {
     }
     // Controls.
     let pin = adjusted("pin-based", 0, caps.ctls[0]);
-    let want_proc = PrimaryProcBased::HLT_EXITING
+    let mut want_proc = PrimaryProcBased::HLT_EXITING
         | PrimaryProcBased::USE_IO_BITMAPS
         | PrimaryProcBased::USE_MSR_BITMAPS;
+    if spec.secondary != 0 {
+        want_proc |= PrimaryProcBased::ACTIVATE_SECONDARY;
+    }
     let proc = adjusted("primary", want_proc.bits(), caps.ctls[1]);
     let want_exit =
         ExitControls::HOST_ADDR_SPACE_SIZE | ExitControls::SAVE_EFER | ExitControls::LOAD_EFER;
@@ -243,7 +254,15 @@ pub fn setup_vmcs(caps: &Caps, spec: &GuestSpec<'_>) -> Result<(), SetupError> {
     w(PIN_BASED_VM_EXEC_CONTROL, pin.into())?;
     w(CPU_BASED_VM_EXEC_CONTROL, proc.into())?;
     if proc & PrimaryProcBased::ACTIVATE_SECONDARY.bits() != 0 {
-        w(SECONDARY_VM_EXEC_CONTROL, 0)?;
+        // Secondary controls against IA32_VMX_PROCBASED_CTLS2 (SDM A.3.3).
+        let secondary = match caps.ctls2 {
+            Some(cap) => adjusted("secondary", spec.secondary, cap),
+            None => 0,
+        };
+        w(SECONDARY_VM_EXEC_CONTROL, secondary.into())?;
+        if secondary & SecondaryProcBased::ENABLE_EPT.bits() != 0 {
+            w(EPT_POINTER, spec.eptp)?;
+        }
     }
     w(EXCEPTION_BITMAP, spec.exception_bitmap.into())?;
     w(PAGE_FAULT_ERROR_CODE_MASK, 0)?;

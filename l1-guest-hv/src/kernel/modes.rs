@@ -8,7 +8,7 @@ use l1_guest_hv::cmdline::TestMode;
 use l1_guest_hv::exit::{
     reason, IoQualification, LineBuffer, ShowOutcome, ShowResult, EXIT_REASON_ENTRY_FAILURE,
 };
-use l1_guest_hv::text::{Emit, Hex};
+use l1_guest_hv::text::{Emit, Hex, Sink, TextBuf};
 use vmcs12::{VmInstructionError as E, VmcsField, VmxFault, VmxOutcome};
 
 use crate::cpu;
@@ -81,8 +81,45 @@ impl Checks {
     }
 }
 
+/// The last console lines L2 printed (for modes that check what L2 saw).
+pub struct LineLog {
+    lines: [TextBuf<100>; 16],
+    len: usize,
+}
+
+impl LineLog {
+    fn new() -> Self {
+        Self {
+            lines: core::array::from_fn(|_| TextBuf::default()),
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, line: &str) {
+        if let Some(slot) = self.lines.get_mut(self.len) {
+            slot.put(line);
+            self.len += 1;
+        }
+    }
+
+    /// The lines in order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.lines.iter().take(self.len).map(|l| l.as_str())
+    }
+
+    /// The first line starting with `prefix`.
+    pub fn find(&self, prefix: &str) -> Option<&str> {
+        self.iter().find(|l| l.starts_with(prefix))
+    }
+
+    /// Position of the first line starting with `prefix`.
+    pub fn position(&self, prefix: &str) -> Option<usize> {
+        self.iter().position(|l| l.starts_with(prefix))
+    }
+}
+
 /// State of the generic exit handler.
-struct Handler {
+pub struct Handler {
     console: LineBuffer,
     apic_base: u64,
     io_exits: u32,
@@ -96,10 +133,13 @@ struct Handler {
     /// L2 console lines seen, and whether one started with "WRONG".
     lines: u32,
     wrong_line: bool,
+    /// The first 16 L2 console lines.
+    pub log: LineLog,
 }
 
 impl Handler {
-    fn new() -> Self {
+    /// A handler with no redirections.
+    pub fn new() -> Self {
         Self {
             console: LineBuffer::new(),
             apic_base: MSR_MARKER,
@@ -111,10 +151,22 @@ impl Handler {
             halted: false,
             lines: 0,
             wrong_line: false,
+            log: LineLog::new(),
         }
     }
 
-    fn handle(&mut self, exit: &Exit) -> Action {
+    /// Whether L2 ended with HLT.
+    pub fn halted(&self) -> bool {
+        self.halted
+    }
+
+    /// Counts an exit the mode did not expect.
+    pub fn unexpected(&mut self) {
+        self.unexpected += 1;
+    }
+
+    /// The generic handling of one exit.
+    pub fn handle(&mut self, exit: &Exit) -> Action {
         let line = &exit.line;
         match line.basic() {
             reason::IO => {
@@ -138,6 +190,7 @@ impl Handler {
                     let byte = vmx::guest_reg(GuestRegs::RAX) as u8;
                     if let Some(text) = self.console.push(byte) {
                         say!("L2> ", text);
+                        self.log.push(text);
                         self.lines += 1;
                         self.wrong_line |= text.starts_with("WRONG");
                     }
@@ -204,7 +257,9 @@ impl Handler {
             }
             reason::HLT => {
                 if !self.console.is_empty() {
-                    say!("L2> ", self.console.take());
+                    let text = self.console.take();
+                    say!("L2> ", text);
+                    self.log.push(text);
                 }
                 self.halted = true;
                 Action::Stop
@@ -257,12 +312,16 @@ pub fn run(mode: TestMode) -> u32 {
         TestMode::Exception => exception(&caps, &mut checks),
         TestMode::Bench => bench(&caps, &mut checks),
         TestMode::VmxErrors => vmx_errors(&caps, &mut checks),
+        TestMode::Ept => crate::ept_mode::ept(&caps, &mut checks),
+        TestMode::Realmode => crate::realmode::realmode(&caps, &mut checks),
+        TestMode::RealmodeNoUg => crate::realmode::realmode_no_ug(&caps, &mut checks),
+        TestMode::Inject => crate::inject::inject(&caps, &mut checks),
     }
     checks.finish(mode.name())
 }
 
 /// VMCLEAR + VMPTRLD of VMCS A and a full VMCS for `spec`.
-fn load_vmcs(caps: &Caps, spec: &GuestSpec<'_>, checks: &mut Checks) -> bool {
+pub fn load_vmcs(caps: &Caps, spec: &GuestSpec<'_>, checks: &mut Checks) -> bool {
     init_region(&VMCS_A, caps.basic.revision_id);
     for (name, o) in [
         ("vmclear", vmx::vmclear(VMCS_A.addr())),
@@ -293,18 +352,46 @@ fn load_vmcs(caps: &Caps, spec: &GuestSpec<'_>, checks: &mut Checks) -> bool {
     }
 }
 
-fn run_and_check(handler: &mut Handler, quiet: bool, checks: &mut Checks) -> bool {
-    match hv::run_guest(quiet, |e| handler.handle(e)) {
+pub fn run_and_check(handler: &mut Handler, quiet: bool, checks: &mut Checks) -> bool {
+    let result = hv::run_guest(quiet, |e| handler.handle(e));
+    report_run(handler, result, checks)
+}
+
+/// The `l2-halted` and `no-unexpected-exits` checks after a run (or
+/// `l2-ran` when VM entry failed); true if L2 ran.
+pub fn report_run(
+    handler: &Handler,
+    result: Result<u32, hv::RunError>,
+    checks: &mut Checks,
+) -> bool {
+    report_run_named(handler, result, checks, "")
+}
+
+/// [`report_run`] with `prefix` before each check name (for modes that
+/// run L2 more than once).
+pub fn report_run_named(
+    handler: &Handler,
+    result: Result<u32, hv::RunError>,
+    checks: &mut Checks,
+    prefix: &str,
+) -> bool {
+    let name = |n: &str| {
+        let mut b = TextBuf::<64>::default();
+        b.put(prefix);
+        b.put(n);
+        b
+    };
+    match result {
         Ok(n) => {
             say!("L1: ", n, " exits handled");
             checks.check(
-                "l2-halted",
+                name("l2-halted").as_str(),
                 "HLT exit",
                 if handler.halted { "HLT exit" } else { "no HLT" },
                 handler.halted,
             );
             checks.check(
-                "no-unexpected-exits",
+                name("no-unexpected-exits").as_str(),
                 0u32,
                 handler.unexpected,
                 handler.unexpected == 0,
@@ -312,7 +399,7 @@ fn run_and_check(handler: &mut Handler, quiet: bool, checks: &mut Checks) -> boo
             true
         }
         Err(_) => {
-            checks.check("l2-ran", "VM exits", "VM-entry error", false);
+            checks.check(name("l2-ran").as_str(), "VM exits", "VM-entry error", false);
             false
         }
     }
@@ -324,6 +411,8 @@ fn demo(caps: &Caps, checks: &mut Checks) {
         io_ports: &[abi::SERIAL_PORT],
         msrs: &[caps::IA32_APIC_BASE],
         exception_bitmap: u32::MAX,
+        secondary: 0,
+        eptp: 0,
     };
     if !load_vmcs(caps, &spec, checks) {
         return;
@@ -360,6 +449,8 @@ fn rip_change(caps: &Caps, checks: &mut Checks) {
         io_ports: &[abi::SERIAL_PORT],
         msrs: &[],
         exception_bitmap: u32::MAX,
+        secondary: 0,
+        eptp: 0,
     };
     if !load_vmcs(caps, &spec, checks) {
         return;
@@ -384,6 +475,8 @@ fn cpuid(caps: &Caps, checks: &mut Checks) {
         io_ports: &[],
         msrs: &[],
         exception_bitmap: u32::MAX,
+        secondary: 0,
+        eptp: 0,
     };
     if !load_vmcs(caps, &spec, checks) {
         return;
@@ -413,6 +506,8 @@ fn exception(caps: &Caps, checks: &mut Checks) {
         io_ports: &[abi::SERIAL_PORT],
         msrs: &[],
         exception_bitmap: 1 << 6,
+        secondary: 0,
+        eptp: 0,
     };
     if !load_vmcs(caps, &spec, checks) {
         return;
@@ -439,6 +534,8 @@ fn bench(caps: &Caps, checks: &mut Checks) {
         io_ports: &[0x80],
         msrs: &[],
         exception_bitmap: u32::MAX,
+        secondary: 0,
+        eptp: 0,
     };
     if !load_vmcs(caps, &spec, checks) {
         return;
@@ -642,6 +739,8 @@ fn vmx_errors(caps: &Caps, c: &mut Checks) {
         io_ports: &[],
         msrs: &[],
         exception_bitmap: 0,
+        secondary: 0,
+        eptp: 0,
     };
     if !load_vmcs(caps, &spec, c) {
         return;
