@@ -2,8 +2,9 @@
 //! nested cargo: they use no crates) for the host target with
 //! panic=abort and without SSE, linked as flat static images at 1 MiB with the L1 kernel's
 //! linker script, and exports their paths:
-//! `TEST_KERNEL_ELF64` (entered in 64-bit mode) and
-//! `TEST_KERNEL_MULTIBOOT` (Multiboot v1, 32-bit entry).
+//! `TEST_KERNEL_ELF64` (entered in 64-bit mode),
+//! `TEST_KERNEL_MULTIBOOT` (Multiboot v1, 32-bit entry) and
+//! `TEST_KERNEL_PLATFORM` (Multiboot v1: fw_cfg, modules, local APIC timer).
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -79,5 +80,10 @@ fn main() {
     println!(
         "cargo:rustc-env=TEST_KERNEL_MULTIBOOT={}",
         multiboot.display()
+    );
+    let platform = build_kernel(&rustc, &workspace, &out_dir, "platform", "_start32");
+    println!(
+        "cargo:rustc-env=TEST_KERNEL_PLATFORM={}",
+        platform.display()
     );
 }

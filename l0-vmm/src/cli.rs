@@ -14,10 +14,12 @@ use crate::kvm::{KvmError, KvmVm, SyncPolicy};
 use crate::l1_image;
 use crate::l1_run::{run_l1, Platform, RunConfig, RunReport, EXIT_ERROR};
 pub use crate::l1_run::{ExitConvention, VmxTrapPath};
-use crate::loader::{load_kernel, KernelFormat, LoadError};
+use crate::loader::{load_kernel_with_modules, BootModule, KernelFormat, LoadError};
 use crate::memory::{GuestRam, MemoryError};
 use crate::msr::VmxMsrHandler;
 use crate::nested::Nested;
+pub use crate::trace::{ToolCommand, TraceArgs};
+use crate::trace::{TraceError, TraceSelection, TraceSession};
 
 /// Default guest RAM in MiB.
 pub const DEFAULT_MEM_MIB: u64 = 128;
@@ -48,35 +50,41 @@ pub enum Command {
         /// L1 test mode: the command line becomes `test=NAME`.
         #[arg(long, default_value = "demo")]
         test: String,
-        /// Guest RAM in MiB (2-4096).
-        #[arg(long, default_value_t = DEFAULT_MEM_MIB)]
-        mem: u64,
         /// End the run after SECS seconds.
         #[arg(long, default_value_t = DEFAULT_DEMO_TIMEOUT)]
         timeout: u64,
-        /// How L1's VMX instructions reach L0: KVM emulation-failure exits
-        /// (`emulation`), or a #UD L0 injects, forwarded by L1's handler to
-        /// the trap port 0x0e0e (`ud`).
-        #[arg(long, value_enum, default_value_t = VmxTrapPath::EmulationFailure)]
-        vmx_trap: VmxTrapPath,
+        /// RAM and VMX trap path.
+        #[command(flatten)]
+        machine: MachineArgs,
+        /// Tracing, recording, timeline.
+        #[command(flatten)]
+        trace: TraceArgs,
     },
     /// Boot a kernel file (Multiboot v1 or ELF64).
     Run {
         /// The kernel.
         #[arg(long)]
         kernel: PathBuf,
-        /// Guest RAM in MiB (2-4096).
-        #[arg(long, default_value_t = DEFAULT_MEM_MIB)]
-        mem: u64,
-        /// Kernel command line.
-        #[arg(long, default_value = "")]
+        /// Kernel command line (QEMU's `-append`).
+        #[arg(long, visible_alias = "append", default_value = "")]
         cmdline: String,
+        /// First Multiboot module (QEMU's `-initrd`): "FILE [ARGS]"; the
+        /// file is the first word, the module string all of it.
+        #[arg(long, value_name = "FILE [ARGS]")]
+        initrd: Option<String>,
+        /// At the end, list every port, MMIO address and MSR the kernel
+        /// touched that L0 does not emulate.
+        #[arg(long)]
+        report_unhandled: bool,
         /// End the run after SECS seconds.
         #[arg(long)]
         timeout: Option<u64>,
-        /// How L1's VMX instructions reach L0 (see `demo --help`).
-        #[arg(long, value_enum, default_value_t = VmxTrapPath::EmulationFailure)]
-        vmx_trap: VmxTrapPath,
+        /// RAM and VMX trap path.
+        #[command(flatten)]
+        machine: MachineArgs,
+        /// Tracing, recording, timeline.
+        #[command(flatten)]
+        trace: TraceArgs,
     },
     /// Print the VMCS field catalogue.
     Fields {
@@ -84,6 +92,56 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run scenario files (docs/scenarios.md) on KVM: PASS/FAIL per file; exit status 0 only when all pass.
+    Scenario {
+        /// The scenario files (TOML).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Print a readable trace of every run to stderr: L2 exits, VMCS fields, or all.
+        #[arg(long, value_enum, value_name = "WHAT")]
+        trace: Option<TraceSelection>,
+        /// Write the trace of every run as JSON lines to FILE.
+        #[arg(long, value_name = "FILE")]
+        trace_json: Option<PathBuf>,
+    },
+    /// Replay, timeline-svg, vmcs.
+    #[command(flatten)]
+    Tools(ToolCommand),
+}
+
+/// The machine options `demo` and `run` share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct MachineArgs {
+    /// Guest RAM in MiB (2-4096).
+    #[arg(long, default_value_t = DEFAULT_MEM_MIB)]
+    pub mem: u64,
+    /// How L1's VMX instructions reach L0: KVM emulation-failure exits
+    /// (`emulation`), or a #UD L0 injects, forwarded by L1's handler to the
+    /// trap port 0x0e0e (`ud`).
+    #[arg(long, value_enum, default_value_t = VmxTrapPath::EmulationFailure)]
+    pub vmx_trap: VmxTrapPath,
+}
+
+impl MachineArgs {
+    /// Boot options for `cmdline`, `timeout` and `exit_convention` on this
+    /// machine.
+    fn boot_options(
+        self,
+        cmdline: String,
+        timeout: Option<Duration>,
+        exit_convention: ExitConvention,
+    ) -> BootOptions {
+        BootOptions {
+            mem_mib: self.mem,
+            cmdline,
+            timeout,
+            vmx_trap: self.vmx_trap,
+            exit_convention,
+            trace: TraceArgs::default(),
+            initrd: None,
+            report_unhandled: false,
+        }
+    }
 }
 
 /// Errors before the guest runs.
@@ -106,6 +164,9 @@ pub enum VmmError {
         /// Why.
         source: std::io::Error,
     },
+    /// A trace, recording, timeline or snapshot file.
+    #[error(transparent)]
+    Trace(#[from] TraceError),
     /// --mem out of range.
     #[error("--mem {0} MiB is out of range: use 2 to 4096 (an even number)")]
     BadMem(u64),
@@ -125,6 +186,13 @@ pub struct BootOptions {
     pub vmx_trap: VmxTrapPath,
     /// How the end of the run maps to [`RunReport::exit_code`].
     pub exit_convention: ExitConvention,
+    /// `--trace`, `--trace-json`, `--record`, `--timeline`, `--dump-vmcs`.
+    pub trace: TraceArgs,
+    /// `--initrd`: the first Multiboot module.
+    pub initrd: Option<BootModule>,
+    /// `--report-unhandled`: list what the guest touched that L0 does not
+    /// emulate at the end of the run.
+    pub report_unhandled: bool,
 }
 
 impl Default for BootOptions {
@@ -137,6 +205,9 @@ impl Default for BootOptions {
             timeout: None,
             vmx_trap: VmxTrapPath::default(),
             exit_convention: ExitConvention::default(),
+            trace: TraceArgs::default(),
+            initrd: None,
+            report_unhandled: false,
         }
     }
 }
@@ -152,7 +223,7 @@ pub fn run_kernel(
         return Err(VmmError::BadMem(opts.mem_mib));
     }
     let ram = Arc::new(GuestRam::new(opts.mem_mib << 20)?);
-    let kernel = load_kernel(&ram, image, &opts.cmdline)?;
+    let kernel = load_kernel_with_modules(&ram, image, &opts.cmdline, opts.initrd.as_slice())?;
     let caps = VmxCapabilities::l0_default();
     let l1_vm = KvmVm::new_l1(ram.clone(), &caps)?;
     let mut l1 = l1_vm.create_vcpu(0)?;
@@ -178,7 +249,8 @@ pub fn run_kernel(
     let mut nested = Nested::new(VmxCpu::new(caps.clone()), l2);
     // Nested rebuilds the L2 VM's memslots from L1's EPT.
     nested.attach_l2_vm(l2_vm);
-    let mut devices = Devices::new(sink);
+    // fw_cfg reports the machine: RAM size and one CPU.
+    let mut devices = Devices::for_machine(sink, ram.size(), 1);
     let format = match kernel.format {
         KernelFormat::Multiboot => "Multiboot",
         KernelFormat::Elf64 => "ELF64",
@@ -199,13 +271,25 @@ pub fn run_kernel(
         vmx_trap: opts.vmx_trap,
         exit_convention: opts.exit_convention,
     };
-    Ok(run_l1(
-        &mut l1,
-        Some(&mut nested),
-        &ram,
-        &mut platform,
-        &cfg,
-    ))
+    let session = TraceSession::start(&opts.trace, format!("cmdline {:?}", opts.cmdline))?;
+    session.attach(&mut nested);
+    let report = run_l1(&mut l1, Some(&mut nested), &ram, &mut platform, &cfg);
+    for line in session.finish(&mut nested)? {
+        devices.console.l0_line(&line);
+    }
+    if opts.report_unhandled {
+        let lines = devices.unhandled_report();
+        if lines.is_empty() {
+            devices
+                .console
+                .l0_line("unhandled: none (every port, MMIO address and MSR touched is emulated)");
+        }
+        for line in lines {
+            devices.console.l0_line(&line);
+        }
+    }
+    devices.console.flush();
+    Ok(report)
 }
 
 /// One line per field: encoding, name, width, kind, access.
@@ -285,44 +369,76 @@ where
             }
             return 0;
         }
+        Command::Tools(tool) => return crate::trace::run_tool(&tool, &mut *sink),
+        Command::Scenario {
+            files,
+            trace,
+            trace_json,
+        } => {
+            // One subscriber for all the runs (each run_kernel inside gets
+            // no trace options, so it keeps this one).
+            let args = TraceArgs {
+                trace,
+                trace_json,
+                ..TraceArgs::default()
+            };
+            let _session = match TraceSession::start(&args, "scenario") {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("[L0] error: {e}");
+                    return EXIT_ERROR;
+                }
+            };
+            return crate::scenario::run_files(&files, &mut *sink);
+        }
         Command::Demo {
             test,
-            mem,
             timeout,
-            vmx_trap,
+            machine,
+            trace,
         } => run_kernel(
             l1_image::L1_GUEST_ELF,
             &BootOptions {
-                mem_mib: mem,
-                cmdline: format!("test={test}"),
-                timeout: Some(Duration::from_secs(timeout)),
-                vmx_trap,
-                exit_convention: ExitConvention::Demo,
+                trace,
+                ..machine.boot_options(
+                    format!("test={test}"),
+                    Some(Duration::from_secs(timeout)),
+                    ExitConvention::Demo,
+                )
             },
             sink,
         ),
         Command::Run {
             kernel,
-            mem,
             cmdline,
+            initrd,
+            report_unhandled,
             timeout,
-            vmx_trap,
-        } => match std::fs::read(&kernel) {
-            Ok(image) => run_kernel(
+            machine,
+            trace,
+        } => match (
+            std::fs::read(&kernel),
+            initrd.as_deref().map(BootModule::from_spec).transpose(),
+        ) {
+            (Ok(image), Ok(initrd)) => run_kernel(
                 &image,
                 &BootOptions {
-                    mem_mib: mem,
-                    cmdline,
-                    timeout: timeout.map(Duration::from_secs),
-                    vmx_trap,
-                    exit_convention: ExitConvention::Qemu,
+                    trace,
+                    initrd,
+                    report_unhandled,
+                    ..machine.boot_options(
+                        cmdline,
+                        timeout.map(Duration::from_secs),
+                        ExitConvention::Qemu,
+                    )
                 },
                 sink,
             ),
-            Err(source) => Err(VmmError::ReadKernel {
+            (Err(source), _) => Err(VmmError::ReadKernel {
                 path: kernel,
                 source,
             }),
+            (_, Err(e)) => Err(VmmError::Load(e)),
         },
     };
     match result {
@@ -402,14 +518,22 @@ mod tests {
         match c.command {
             Command::Run {
                 kernel,
-                mem,
                 cmdline,
                 timeout,
-                vmx_trap,
+                machine,
+                trace,
+                ..
             } => {
+                assert_eq!(trace, TraceArgs::default());
                 assert_eq!(kernel, PathBuf::from("k"));
-                assert_eq!((mem, cmdline.as_str(), timeout), (64, "a b", Some(5)));
-                assert_eq!(vmx_trap, VmxTrapPath::EmulationFailure);
+                assert_eq!((cmdline.as_str(), timeout), ("a b", Some(5)));
+                assert_eq!(
+                    machine,
+                    MachineArgs {
+                        mem: 64,
+                        vmx_trap: VmxTrapPath::EmulationFailure
+                    }
+                );
             }
             c => panic!("parsed {c:?}"),
         }
@@ -531,7 +655,7 @@ mod tests {
             let mut v = vec!["l0-vmm", "demo"];
             v.extend_from_slice(args);
             match Cli::try_parse_from(v).map(|c| c.command) {
-                Ok(Command::Demo { vmx_trap, .. }) => Ok(vmx_trap),
+                Ok(Command::Demo { machine, .. }) => Ok(machine.vmx_trap),
                 Ok(c) => panic!("parsed {c:?}"),
                 Err(e) => Err(e),
             }
@@ -551,7 +675,10 @@ mod tests {
                 .unwrap()
                 .command,
             Command::Run {
-                vmx_trap: VmxTrapPath::InvalidOpcode,
+                machine: MachineArgs {
+                    vmx_trap: VmxTrapPath::InvalidOpcode,
+                    ..
+                },
                 ..
             }
         ));

@@ -4,16 +4,26 @@
 //! | --- | --- |
 //! | 0x3f8-0x3ff | 16550 UART subset: THR writes are printed, LSR reads 0x60 |
 //! | 0xe9 | debug console: bytes are printed |
-//! | 0xf4 | isa-debug-exit: a write of V ends the run with exit code (V << 1) \| 1 |
+//! | 0xf4 | isa-debug-exit: an 8-, 16- or 32-bit write of V ends the run with exit code (V << 1) \| 1 |
+//! | 0x510, 0x511 | QEMU fw_cfg, traditional interface ([`fw_cfg`]) |
 //!
 //! Output is assembled into lines and written, prefixed by the level that
 //! printed it (`[L0] `, `[L1] `, `[L2] `), to an [`OutputSink`]: stdout
 //! for the CLI, a capture buffer for tests. Other ports read as all ones
-//! and ignore writes (counted, reported once).
+//! and ignore writes; so do guest-physical addresses outside RAM that no
+//! in-kernel device claims (MMIO). Each such port, address and each MSR
+//! L0 answers with #GP because nobody implements it is counted and logged
+//! once (`tracing` info), never an error: [`Devices::unhandled_report`]
+//! lists them at the end of a run (`l0-vmm run --report-unhandled`).
+
+#[path = "fw_cfg.rs"]
+pub mod fw_cfg;
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+
+pub use fw_cfg::FwCfg;
 
 /// Base port of the UART (COM1).
 pub const COM1_BASE: u16 = 0x3f8;
@@ -215,6 +225,11 @@ impl Serial16550 {
         None
     }
 
+    /// The baud-rate divisor (DLM:DLL) last programmed with DLAB set.
+    pub fn divisor(&self) -> u16 {
+        u16::from_le_bytes([self.dll, self.dlm])
+    }
+
     /// Register read at `offset` (0-7).
     pub fn read(&self, offset: u16) -> u8 {
         let dlab = self.lcr & LCR_DLAB != 0;
@@ -250,25 +265,56 @@ pub enum IoOutcome {
     Exit(i32),
 }
 
+/// An MSR access nobody implements (L0 raised #GP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MsrAccess {
+    /// RDMSR.
+    Read,
+    /// WRMSR.
+    Write,
+}
+
 /// All devices plus the console.
 #[derive(Debug)]
 pub struct Devices {
     /// COM1.
     pub serial: Serial16550,
+    /// fw_cfg (ports 0x510/0x511).
+    pub fw_cfg: FwCfg,
     /// Output.
     pub console: Console,
     /// Accesses to ports no device claims, by port.
     pub unhandled: BTreeMap<u16, u64>,
+    /// Accesses to guest-physical addresses nothing backs (MMIO exits),
+    /// by address.
+    pub unhandled_mmio: BTreeMap<u64, u64>,
+    /// RDMSR/WRMSR of MSRs nobody implements, by index and kind.
+    pub unhandled_msrs: BTreeMap<(u32, MsrAccess), u64>,
 }
 
 impl Devices {
-    /// Devices printing to `sink`.
+    /// Devices printing to `sink`; fw_cfg reports 0 bytes of RAM until
+    /// [`Devices::set_ram_size`] (or use [`Devices::for_machine`]).
     pub fn new(sink: Box<dyn OutputSink>) -> Self {
+        Self::for_machine(sink, 0, 1)
+    }
+
+    /// Devices for a machine with `ram_size` bytes of RAM and `cpus` CPUs
+    /// (what fw_cfg reports).
+    pub fn for_machine(sink: Box<dyn OutputSink>, ram_size: u64, cpus: u16) -> Self {
         Self {
             serial: Serial16550::default(),
+            fw_cfg: FwCfg::new(ram_size, cpus),
             console: Console::new(sink),
             unhandled: BTreeMap::new(),
+            unhandled_mmio: BTreeMap::new(),
+            unhandled_msrs: BTreeMap::new(),
         }
+    }
+
+    /// Sets the RAM size fw_cfg reports (key 0x03).
+    pub fn set_ram_size(&mut self, ram_size: u64) {
+        self.fw_cfg.set_ram_size(ram_size);
     }
 
     /// An OUT of `size` bytes (`data` in the low bytes) by `level`.
@@ -287,32 +333,96 @@ impl Devices {
                     self.console.put_byte(level, Channel::Uart, b);
                 }
             }
-            _ => self.note_unhandled(port),
+            p if FwCfg::claims(p) => self.fw_cfg.io_out(p, size, data),
+            _ => self.note_unhandled(level, port),
         }
         IoOutcome::Handled
     }
 
     /// An IN of `size` bytes by `level`: the value read.
-    pub fn io_in(&mut self, _level: Level, port: u16, size: u8) -> u32 {
+    pub fn io_in(&mut self, level: Level, port: u16, size: u8) -> u32 {
         match port {
             p if (COM1_BASE..COM1_BASE + 8).contains(&p) => {
                 u32::from(self.serial.read(p - COM1_BASE))
             }
             // Bochs/QEMU convention: port 0xe9 reads back 0xe9.
             DEBUG_CONSOLE_PORT => 0xe9,
+            p if FwCfg::claims(p) => self.fw_cfg.io_in(p, size),
             _ => {
-                self.note_unhandled(port);
+                self.note_unhandled(level, port);
                 size_mask(size)
             }
         }
     }
 
-    fn note_unhandled(&mut self, port: u16) {
+    /// A read of `len` bytes at guest-physical `gpa` that nothing backs:
+    /// all ones (noted as unhandled).
+    pub fn mmio_read(&mut self, level: Level, gpa: u64, len: u8) -> Vec<u8> {
+        self.note_unhandled_mmio(level, gpa, "read");
+        vec![0xff; usize::from(len).min(8)]
+    }
+
+    /// A write at guest-physical `gpa` that nothing backs: dropped (noted
+    /// as unhandled).
+    pub fn mmio_write(&mut self, level: Level, gpa: u64, _data: &[u8]) {
+        self.note_unhandled_mmio(level, gpa, "write");
+    }
+
+    /// An RDMSR/WRMSR of an MSR nobody implements (L0 raises #GP).
+    pub fn note_unhandled_msr(&mut self, level: Level, index: u32, access: MsrAccess) {
+        let n = self.unhandled_msrs.entry((index, access)).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            tracing::info!(
+                "{level:?} {access:?} of MSR {index:#x}: not implemented, #GP (listed with --report-unhandled)"
+            );
+        }
+    }
+
+    fn note_unhandled(&mut self, level: Level, port: u16) {
         let n = self.unhandled.entry(port).or_insert(0);
         *n += 1;
         if *n == 1 {
-            tracing::debug!("I/O to unclaimed port {port:#x} (reads as all ones)");
+            tracing::info!(
+                "{level:?} I/O to unclaimed port {port:#x}: reads as all ones, writes ignored"
+            );
         }
+    }
+
+    fn note_unhandled_mmio(&mut self, level: Level, gpa: u64, what: &str) {
+        let n = self.unhandled_mmio.entry(gpa).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            tracing::info!(
+                "{level:?} MMIO {what} at {gpa:#x}: nothing there, reads as all ones, writes ignored"
+            );
+        }
+    }
+
+    /// Every port, MMIO address and MSR the guests touched that L0 does
+    /// not emulate, one line each, sorted: `unhandled port 0x61: 3
+    /// accesses`, `unhandled mmio 0xfec00000: 1 access`, `unhandled msr
+    /// 0x1234 read: 2 accesses`. Empty if there were none.
+    pub fn unhandled_report(&self) -> Vec<String> {
+        let n = |c: u64| format!("{c} access{}", if c == 1 { "" } else { "es" });
+        let mut out: Vec<String> = self
+            .unhandled
+            .iter()
+            .map(|(p, c)| format!("unhandled port {p:#x}: {}", n(*c)))
+            .collect();
+        out.extend(
+            self.unhandled_mmio
+                .iter()
+                .map(|(a, c)| format!("unhandled mmio {a:#x}: {}", n(*c))),
+        );
+        out.extend(self.unhandled_msrs.iter().map(|((i, k), c)| {
+            let k = match k {
+                MsrAccess::Read => "read",
+                MsrAccess::Write => "write",
+            };
+            format!("unhandled msr {i:#x} {k}: {}", n(*c))
+        }));
+        out
     }
 }
 
@@ -394,14 +504,113 @@ mod tests {
     }
 
     #[test]
+    fn test_debug_exit_takes_8_16_and_32_bit_writes() {
+        let (mut d, _) = devices();
+        // Only the written width counts: upper register bits are not data.
+        assert_eq!(d.io_out(Level::L1, 0xf4, 1, 0xab05), IoOutcome::Exit(0xb));
+        assert_eq!(
+            d.io_out(Level::L1, 0xf4, 2, 0xdead_0102),
+            IoOutcome::Exit(0x205)
+        );
+        assert_eq!(
+            d.io_out(Level::L1, 0xf4, 4, 0x1234),
+            IoOutcome::Exit(0x2469)
+        );
+        // A neighbouring port is not the debug exit.
+        assert_eq!(d.io_out(Level::L1, 0xf5, 1, 1), IoOutcome::Handled);
+        assert_eq!(d.unhandled.get(&0xf5), Some(&1));
+    }
+
+    #[test]
+    fn test_uart_baud_rate_programming_prints_nothing() {
+        let (mut d, cap) = devices();
+        // The sequence of l1-guest-hv's serial_init (115200 8N1, FIFO on).
+        for (off, v) in [
+            (1, 0x00),
+            (3, 0x80),
+            (0, 0x01),
+            (1, 0x00),
+            (3, 0x03),
+            (2, 0xc7),
+            (4, 0x03),
+        ] {
+            d.io_out(Level::L1, COM1_BASE + off, 1, v);
+        }
+        d.console.flush();
+        assert!(cap.lines().is_empty(), "DLL/DLM writes are not THR writes");
+        assert_eq!(d.serial.divisor(), 1);
+        assert_eq!(d.serial.ier, 0);
+        // With DLAB clear again, offset 0 is THR.
+        out_str(&mut d, Level::L1, COM1_BASE, "ok\n");
+        assert_eq!(cap.lines(), vec!["[L1] ok"]);
+    }
+
+    #[test]
+    fn test_uart_dlab_set_swallows_text() {
+        let (mut d, cap) = devices();
+        d.io_out(Level::L1, COM1_BASE + 3, 1, 0x83);
+        out_str(&mut d, Level::L1, COM1_BASE, "hidden\n");
+        d.console.flush();
+        assert!(cap.lines().is_empty());
+        assert_eq!(d.serial.divisor(), u16::from(b'\n'));
+    }
+
+    #[test]
     fn test_unclaimed_ports_read_all_ones_and_are_counted() {
         let (mut d, cap) = devices();
         assert_eq!(d.io_in(Level::L1, 0x61, 1), 0xff);
         assert_eq!(d.io_in(Level::L1, 0x61, 2), 0xffff);
+        assert_eq!(d.io_in(Level::L1, 0x61, 4), 0xffff_ffff);
         assert_eq!(d.io_out(Level::L1, 0x80, 1, 0), IoOutcome::Handled);
-        assert_eq!(d.unhandled.get(&0x61), Some(&2));
+        assert_eq!(d.unhandled.get(&0x61), Some(&3));
         assert_eq!(d.unhandled.get(&0x80), Some(&1));
         assert!(cap.lines().is_empty());
+    }
+
+    #[test]
+    fn test_fw_cfg_is_on_ports_0x510_and_0x511() {
+        let cap = CaptureSink::new();
+        let mut d = Devices::for_machine(Box::new(cap), 64 << 20, 1);
+        d.io_out(Level::L1, 0x510, 2, 0);
+        let sig: Vec<u8> = (0..4).map(|_| d.io_in(Level::L1, 0x511, 1) as u8).collect();
+        assert_eq!(sig, b"QEMU");
+        d.io_out(Level::L1, 0x510, 2, 3);
+        let ram: Vec<u8> = (0..8).map(|_| d.io_in(Level::L1, 0x511, 1) as u8).collect();
+        assert_eq!(ram, (64u64 << 20).to_le_bytes());
+        d.set_ram_size(32 << 20);
+        d.io_out(Level::L1, 0x510, 2, 3);
+        assert_eq!(d.io_in(Level::L1, 0x511, 4), 32 << 20);
+        assert!(d.unhandled.is_empty(), "fw_cfg ports are claimed");
+        // The DMA address port is not emulated.
+        assert_eq!(d.io_in(Level::L1, 0x514, 4), 0xffff_ffff);
+        assert_eq!(d.unhandled.get(&0x514), Some(&1));
+    }
+
+    #[test]
+    fn test_unhandled_report_lists_ports_mmio_and_msrs() {
+        let (mut d, cap) = devices();
+        assert!(d.unhandled_report().is_empty());
+        d.io_in(Level::L1, 0x61, 1);
+        d.io_out(Level::L2, 0x61, 1, 0);
+        d.io_out(Level::L1, 0x21, 1, 0xff);
+        d.io_in(Level::L1, 0x3f8, 1);
+        assert_eq!(d.mmio_read(Level::L1, 0xfec0_0000, 4), vec![0xff; 4]);
+        d.mmio_write(Level::L1, 0xfec0_0010, &[1, 2, 3, 4]);
+        d.note_unhandled_msr(Level::L1, 0x1234, MsrAccess::Read);
+        d.note_unhandled_msr(Level::L1, 0x1234, MsrAccess::Read);
+        d.note_unhandled_msr(Level::L1, 0x1234, MsrAccess::Write);
+        assert_eq!(
+            d.unhandled_report(),
+            vec![
+                "unhandled port 0x21: 1 access",
+                "unhandled port 0x61: 2 accesses",
+                "unhandled mmio 0xfec00000: 1 access",
+                "unhandled mmio 0xfec00010: 1 access",
+                "unhandled msr 0x1234 read: 2 accesses",
+                "unhandled msr 0x1234 write: 1 access",
+            ]
+        );
+        assert!(cap.lines().is_empty(), "noting is not printing");
     }
 
     proptest::proptest! {

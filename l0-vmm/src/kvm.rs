@@ -11,15 +11,20 @@
 //! the [`SyncPolicy`] asks for them or their value changes.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Once};
+use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_dtable, kvm_guest_debug, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
-    kvm_userspace_memory_region, kvm_vcpu_events, Msrs, KVM_GUESTDBG_ENABLE,
+    kvm_debugregs, kvm_dtable, kvm_enable_cap, kvm_guest_debug, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region,
+    kvm_vcpu_events, Msrs, KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X86_USER_SPACE_MSR, KVM_GUESTDBG_ENABLE,
     KVM_GUESTDBG_SINGLESTEP, KVM_INTERNAL_ERROR_EMULATION,
-    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_MEM_READONLY,
-    KVM_VCPUEVENT_VALID_PAYLOAD, KVM_X86_SHADOW_INT_MOV_SS, KVM_X86_SHADOW_INT_STI,
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_MEM_READONLY, KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_RUNNABLE, KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_EXIT_REASON_UNKNOWN,
+    KVM_PIT_SPEAKER_DUMMY, KVM_VCPUEVENT_VALID_PAYLOAD, KVM_X86_SHADOW_INT_MOV_SS,
+    KVM_X86_SHADOW_INT_STI,
 };
 use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 use nested_exit::{DescriptorTable, Gprs, PendingEvent, Segment, VcpuState, VmxMsrs};
@@ -66,6 +71,203 @@ const INTR_INFO_VALID: u32 = 1 << 31;
 const INTERRUPTIBILITY_STI: u32 = 1 << 0;
 const INTERRUPTIBILITY_MOV_SS: u32 = 1 << 1;
 const INTERRUPTIBILITY_NMI: u32 = 1 << 3;
+
+/// The interrupt controller of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqChip {
+    /// None: APIC accesses exit as MMIO, HLT exits to userspace, and
+    /// `request_interrupt_window` / `KVM_INTERRUPT` inject interrupts.
+    None,
+    /// `KVM_CREATE_IRQCHIP` (PIC, IOAPIC and local APIC in the kernel)
+    /// plus `KVM_CREATE_PIT2`. `request_interrupt_window` is ignored and
+    /// `KVM_INTERRUPT` fails (ENXIO) with an in-kernel PIC.
+    InKernel,
+    /// `KVM_CAP_SPLIT_IRQCHIP`: the local APIC in the kernel; no PIC,
+    /// IOAPIC or PIT (KVM_CREATE_PIT2 needs the in-kernel PIC).
+    /// `request_interrupt_window` and `KVM_INTERRUPT` keep working.
+    Split,
+}
+
+impl IrqChip {
+    /// Whether the local APIC (and so HLT) is handled inside KVM.
+    pub fn lapic_in_kernel(self) -> bool {
+        !matches!(self, IrqChip::None)
+    }
+}
+
+/// The interrupt controller of L1's VM (why: `docs/platform.md`, "Local
+/// APIC and timers"): the split irqchip gives L1 a local APIC and its
+/// timer while KVM's interrupt-window exits and `KVM_INTERRUPT` stay usable
+/// on L1's vCPU.
+pub const L1_IRQCHIP: IrqChip = IrqChip::Split;
+
+/// IOAPIC routes reserved with the split irqchip.
+const SPLIT_IRQCHIP_ROUTES: u64 = 24;
+
+/// Whether x2APIC works with an in-kernel local APIC on this host
+/// (measured by `test_kvm_x2apic_msrs_answer`): leaf 1 ECX.x2APIC is set
+/// only then.
+pub const X2APIC_WORKS: bool = true;
+
+/// Leaf 1 ECX bit 21: x2APIC (SDM Vol. 2A, CPUID, Table 3-10).
+pub const CPUID_1_ECX_X2APIC: u32 = 1 << 21;
+
+/// How long one KVM_RUN of a vCPU with an in-kernel local APIC may last
+/// before L0 looks whether the guest halted with nothing to wake it.
+pub const HALT_CHECK_PERIOD: Duration = Duration::from_millis(10);
+
+/// Local APIC register offsets (SDM Vol. 3, 11.4.1, Table 11-1).
+const APIC_IRR: usize = 0x200;
+const APIC_LVT_TIMER: usize = 0x320;
+const APIC_TMICT: usize = 0x380;
+const APIC_TMCCT: usize = 0x390;
+const APIC_LVT_MASKED: u32 = 1 << 16;
+const APIC_TIMER_MODE_SHIFT: u32 = 17;
+const IA32_TSC_DEADLINE: u32 = 0x6e0;
+const RFLAGS_IF: u64 = 1 << 9;
+
+fn set_x2apic(entries: &mut [kvm_bindings::kvm_cpuid_entry2], on: bool) {
+    for e in entries.iter_mut().filter(|e| e.function == 1) {
+        if on {
+            e.ecx |= CPUID_1_ECX_X2APIC;
+        } else {
+            e.ecx &= !CPUID_1_ECX_X2APIC;
+        }
+    }
+}
+
+/// Userspace MSR exits for the filter's MSRs and for MSRs KVM does not
+/// implement (L0 answers those with #GP and lists them).
+fn enable_user_space_msr_unknown(vm: &VmFd) -> Result<(), KvmError> {
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_X86_USER_SPACE_MSR,
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(KVM_MSR_EXIT_REASON_FILTER | KVM_MSR_EXIT_REASON_UNKNOWN);
+    vm.enable_cap(&cap)
+        .map_err(|e| KvmError::Msr(msr::MsrError::EnableCap(e)))
+}
+
+/// A local-APIC register (32 bits at `offset`) of a `KVM_GET_LAPIC` page.
+pub fn lapic_reg(l: &kvm_lapic_state, offset: usize) -> u32 {
+    let mut b = [0u8; 4];
+    for (i, d) in b.iter_mut().enumerate() {
+        *d = l.regs.get(offset + i).map_or(0, |&v| v as u8);
+    }
+    u32::from_le_bytes(b)
+}
+
+/// Signal that kicks a vCPU out of KVM_RUN for a halt check.
+fn halt_kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN() + 3
+}
+
+extern "C" fn halt_kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// State shared between a vCPU and its halt watcher thread.
+#[derive(Debug, Default)]
+struct HaltShared {
+    /// Incremented at every KVM_RUN entry.
+    run_seq: AtomicU64,
+    /// Inside KVM_RUN now.
+    in_run: AtomicBool,
+    /// The thread calling KVM_RUN (`pthread_t`).
+    thread: AtomicU64,
+    /// The watcher kicked the current KVM_RUN.
+    kicked: AtomicBool,
+}
+
+/// With an in-kernel local APIC, HLT never reaches userspace: KVM blocks
+/// the vCPU inside KVM_RUN until an interrupt arrives. The watcher kicks
+/// a KVM_RUN that lasted longer than [`HALT_CHECK_PERIOD`]; [`KvmVcpu::run`]
+/// then reports [`VmExit::Hlt`] if the guest is halted and nothing can
+/// wake it (IF = 0 and no NMI, or no interrupt pending and no timer
+/// armed), and otherwise re-enters KVM_RUN (the guest does not notice).
+#[derive(Debug)]
+struct HaltWatch {
+    shared: Arc<HaltShared>,
+    stop: mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HaltWatch {
+    fn start() -> Result<Self, KvmError> {
+        static INIT: Once = Once::new();
+        static INSTALLED: AtomicBool = AtomicBool::new(false);
+        INIT.call_once(|| {
+            if vmm_sys_util::signal::register_signal_handler(halt_kick_signal(), halt_kick_handler)
+                .is_ok()
+            {
+                INSTALLED.store(true, Ordering::SeqCst);
+            }
+        });
+        if !INSTALLED.load(Ordering::SeqCst) {
+            return Err(KvmError::HaltWatch(
+                "cannot install the halt-check signal handler".into(),
+            ));
+        }
+        let shared = Arc::new(HaltShared::default());
+        let (stop, rx) = mpsc::channel::<()>();
+        let sh = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("l0-halt-watch".into())
+            .spawn(move || {
+                let mut last = u64::MAX;
+                loop {
+                    match rx.recv_timeout(HALT_CHECK_PERIOD) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                    let seq = sh.run_seq.load(Ordering::SeqCst);
+                    if sh.in_run.load(Ordering::SeqCst)
+                        && seq == last
+                        && !sh.kicked.swap(true, Ordering::SeqCst)
+                    {
+                        let t = sh.thread.load(Ordering::SeqCst) as libc::pthread_t;
+                        // SAFETY: `t` is the thread inside KVM_RUN of a
+                        // vCPU that joins this thread before it is
+                        // dropped; the signal has a no-op handler. A
+                        // signal that lands just after KVM_RUN returned
+                        // only interrupts a syscall Rust retries.
+                        unsafe { libc::pthread_kill(t, halt_kick_signal()) };
+                    }
+                    last = seq;
+                }
+            })
+            .map_err(|e| KvmError::HaltWatch(format!("cannot start the halt watcher: {e}")))?;
+        Ok(Self {
+            shared,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn enter(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.shared.thread.store(me as u64, Ordering::SeqCst);
+        self.shared.kicked.store(false, Ordering::SeqCst);
+        self.shared.run_seq.fetch_add(1, Ordering::SeqCst);
+        self.shared.in_run.store(true, Ordering::SeqCst);
+    }
+
+    fn leave(&self) {
+        self.shared.in_run.store(false, Ordering::SeqCst);
+    }
+
+    fn take_kick(&self) -> bool {
+        self.shared.kicked.swap(false, Ordering::SeqCst)
+    }
+}
+
+impl Drop for HaltWatch {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 /// Errors of the KVM backend, one per failing operation.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +332,15 @@ pub enum KvmError {
     /// The MSR filter could not be installed.
     #[error(transparent)]
     Msr(#[from] msr::MsrError),
+    /// Creating the interrupt controller failed.
+    #[error("{0} failed: {1}; this KVM cannot give the guest a local APIC")]
+    Irqchip(&'static str, #[source] kvm_ioctls::Error),
+    /// The halt watcher (in-kernel local APIC) could not start.
+    #[error("{0}")]
+    HaltWatch(String),
+    /// KVM_GET_LAPIC / KVM_GET_MP_STATE / KVM_SET_MP_STATE failed.
+    #[error("{0} failed: {1}")]
+    ApicState(&'static str, #[source] kvm_ioctls::Error),
 }
 
 /// One KVM memslot: a window of guest RAM mapped at a guest-physical
@@ -165,6 +376,7 @@ pub struct KvmVm {
     ram: Arc<GuestRam>,
     role: VmRole,
     slots: BTreeMap<u32, MemSlot>,
+    irqchip: IrqChip,
 }
 
 impl KvmVm {
@@ -180,6 +392,7 @@ impl KvmVm {
             ram,
             role,
             slots: BTreeMap::new(),
+            irqchip: IrqChip::None,
         };
         let size = me.ram.size();
         me.set_memslot(MemSlot {
@@ -194,11 +407,67 @@ impl KvmVm {
 
     /// L1's VM: all of RAM at guest-physical 0, and RDMSR/WRMSR of
     /// IA32_FEATURE_CONTROL and the IA32_VMX_* MSRs exit to L0.
-    pub fn new_l1(ram: Arc<GuestRam>, _caps: &VmxCapabilities) -> Result<Self, KvmError> {
-        let vm = Self::new(ram, VmRole::L1)?;
-        msr::enable_user_space_msr(&vm.vm)?;
+    ///
+    /// The VM gets the interrupt controller [`L1_IRQCHIP`] (a local APIC
+    /// L1 can program; see `docs/platform.md` for the choice), and MSRs
+    /// KVM does not know exit to L0 too (`KVM_MSR_EXIT_REASON_UNKNOWN`),
+    /// so L0 can list them; L0 answers them with #GP as KVM would.
+    pub fn new_l1(ram: Arc<GuestRam>, caps: &VmxCapabilities) -> Result<Self, KvmError> {
+        Self::new_l1_with(ram, caps, L1_IRQCHIP)
+    }
+
+    /// [`KvmVm::new_l1`] with an explicit interrupt controller (tests and
+    /// measurements of the alternatives).
+    pub fn new_l1_with(
+        ram: Arc<GuestRam>,
+        _caps: &VmxCapabilities,
+        irqchip: IrqChip,
+    ) -> Result<Self, KvmError> {
+        let mut vm = Self::new(ram, VmRole::L1)?;
+        vm.create_irqchip(irqchip)?;
+        enable_user_space_msr_unknown(&vm.vm)?;
         msr::install_msr_filter(&vm.vm, msr::VMX_MSR_RANGES)?;
         Ok(vm)
+    }
+
+    /// Creates the interrupt controller `kind` (before any vCPU exists).
+    pub fn create_irqchip(&mut self, kind: IrqChip) -> Result<(), KvmError> {
+        match kind {
+            IrqChip::None => {}
+            IrqChip::InKernel => {
+                self.vm
+                    .create_irq_chip()
+                    .map_err(|e| KvmError::Irqchip("KVM_CREATE_IRQCHIP", e))?;
+                // The speaker port 0x61 stays in userspace (reads as all
+                // ones there); the PIT's channel 2 gate is then fixed.
+                let pit = kvm_pit_config {
+                    flags: KVM_PIT_SPEAKER_DUMMY,
+                    ..Default::default()
+                };
+                self.vm
+                    .create_pit2(pit)
+                    .map_err(|e| KvmError::Irqchip("KVM_CREATE_PIT2", e))?;
+            }
+            IrqChip::Split => {
+                let mut cap = kvm_enable_cap {
+                    cap: KVM_CAP_SPLIT_IRQCHIP,
+                    ..Default::default()
+                };
+                // IOAPIC routes reserved for a userspace IOAPIC (KVM's
+                // default pin count); L0 emulates none.
+                cap.args[0] = SPLIT_IRQCHIP_ROUTES;
+                self.vm
+                    .enable_cap(&cap)
+                    .map_err(|e| KvmError::Irqchip("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)", e))?;
+            }
+        }
+        self.irqchip = kind;
+        Ok(())
+    }
+
+    /// The interrupt controller this VM has.
+    pub fn irqchip(&self) -> IrqChip {
+        self.irqchip
     }
 
     /// The VM L2 runs in: a second VM whose memslot 0 aliases the same
@@ -309,13 +578,18 @@ impl KvmVm {
         let fd = self.vm.create_vcpu(id).map_err(KvmError::CreateVcpu)?;
         let mut counters = IoctlCounters::default();
         let entries = cpuid::supported(&self.kvm)?;
-        let cpuid = match self.role {
+        let mut cpuid = match self.role {
             VmRole::L1 => cpuid::l1_cpuid(entries)?,
             VmRole::L2 => cpuid::l2_cpuid(entries)?,
         };
+        set_x2apic(&mut cpuid, self.irqchip.lapic_in_kernel() && X2APIC_WORKS);
         cpuid::set(&fd, &cpuid)?;
         counters.other += 1;
-        KvmVcpu::new(fd, self.ram.clone(), counters, self.vm.run_size())
+        let mut vcpu = KvmVcpu::new(fd, self.ram.clone(), counters, self.vm.run_size())?;
+        if self.irqchip.lapic_in_kernel() {
+            vcpu.halt_watch = Some(HaltWatch::start()?);
+        }
+        Ok(vcpu)
     }
 }
 
@@ -424,6 +698,8 @@ pub struct KvmVcpu {
     run_size: usize,
     /// `kvm_run.immediate_exit` as last set.
     immediate_exit: bool,
+    /// Halt detection with an in-kernel local APIC.
+    halt_watch: Option<HaltWatch>,
 }
 
 impl KvmVcpu {
@@ -437,6 +713,7 @@ impl KvmVcpu {
             fd,
             run_size,
             immediate_exit: false,
+            halt_watch: None,
             _ram: ram,
             counters: Arc::new(SharedCounters::default()),
             policy: SyncPolicy::default(),
@@ -956,14 +1233,32 @@ impl Vcpu for KvmVcpu {
             }
         }
         self.pending = Pending::None;
-        self.counters.bump_run();
-        let exit = match self.fd.run() {
-            Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                self.events = self.fd.sync_regs().events;
-                return Ok(VmExit::Interrupted);
+        let exit = loop {
+            self.counters.bump_run();
+            if let Some(w) = &self.halt_watch {
+                w.enter();
             }
-            Err(e) => return Err(KvmError::Run(e)),
+            let res = self.fd.run();
+            if let Some(w) = &self.halt_watch {
+                w.leave();
+            }
+            match res {
+                Ok(exit) => break exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    if self.halt_watch.as_ref().is_some_and(HaltWatch::take_kick) {
+                        if self.idle_halted()? {
+                            self.events = self.fd.sync_regs().events;
+                            return Ok(VmExit::Hlt);
+                        }
+                        // Busy or waiting for an interrupt that will come:
+                        // the guest goes on as if nothing happened.
+                        continue;
+                    }
+                    self.events = self.fd.sync_regs().events;
+                    return Ok(VmExit::Interrupted);
+                }
+                Err(e) => return Err(KvmError::Run(e)),
+            }
         };
         let mut pending = Pending::None;
         let mut out_bytes = None;
@@ -1243,6 +1538,62 @@ impl Vcpu for KvmVcpu {
 }
 
 impl KvmVcpu {
+    /// KVM_GET_LAPIC (the in-kernel local APIC's register page; TMCCT is
+    /// the current count).
+    pub fn get_lapic(&mut self) -> Result<kvm_lapic_state, KvmError> {
+        self.counters.bump_other();
+        self.fd
+            .get_lapic()
+            .map_err(|e| KvmError::ApicState("KVM_GET_LAPIC", e))
+    }
+
+    /// Whether an interrupt is pending in the local APIC or its timer is
+    /// armed (something will wake a halted guest with IF = 1).
+    pub fn lapic_event_coming(&mut self) -> Result<bool, KvmError> {
+        let l = self.get_lapic()?;
+        if (0..8).any(|i| lapic_reg(&l, APIC_IRR + 0x10 * i) != 0) {
+            return Ok(true);
+        }
+        let lvt = lapic_reg(&l, APIC_LVT_TIMER);
+        if lvt & APIC_LVT_MASKED != 0 {
+            return Ok(false);
+        }
+        Ok(match (lvt >> APIC_TIMER_MODE_SHIFT) & 3 {
+            0 => lapic_reg(&l, APIC_TMCCT) != 0,
+            1 => lapic_reg(&l, APIC_TMICT) != 0,
+            2 => self.get_msr(IA32_TSC_DEADLINE)?.unwrap_or(0) != 0,
+            _ => false,
+        })
+    }
+
+    /// After a halt-check kick: true (and the vCPU made runnable past its
+    /// HLT, as after `KVM_EXIT_HLT`) if the guest is halted and nothing
+    /// can wake it.
+    fn idle_halted(&mut self) -> Result<bool, KvmError> {
+        self.counters.bump_other();
+        let mp = self
+            .fd
+            .get_mp_state()
+            .map_err(|e| KvmError::ApicState("KVM_GET_MP_STATE", e))?;
+        if mp.mp_state != KVM_MP_STATE_HALTED {
+            return Ok(false);
+        }
+        let s = self.fd.sync_regs();
+        if s.events.nmi.pending != 0 || s.events.nmi.injected != 0 {
+            return Ok(false);
+        }
+        if s.regs.rflags & RFLAGS_IF != 0 && self.lapic_event_coming()? {
+            return Ok(false);
+        }
+        self.counters.bump_other();
+        self.fd
+            .set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(|e| KvmError::ApicState("KVM_SET_MP_STATE", e))?;
+        Ok(true)
+    }
+
     fn io_in_exit_again(&mut self) -> VmExit {
         let run = self.fd.get_kvm_run();
         // SAFETY: a pending string IN means the last KVM exit was
@@ -1489,8 +1840,9 @@ mod tests {
             return;
         }
         let ram = ram();
-        // add rax, rbx; hlt
-        let (_vm, mut vcpu) = guest(&ram, VmRole::L1, &[0x48, 0x01, 0xd8, 0xf4]);
+        // add rax, rbx; hlt (an L2-role VM: no local APIC in the kernel,
+        // so the HLT reaches userspace without a halt check's ioctls)
+        let (_vm, mut vcpu) = guest(&ram, VmRole::L2, &[0x48, 0x01, 0xd8, 0xf4]);
         vcpu.set_sync_policy(SyncPolicy {
             msrs: false,
             debugregs: false,
@@ -1776,5 +2128,212 @@ mod tests {
         })
         .unwrap();
         assert_eq!(vm.memslots().count(), 1);
+    }
+
+    /// The LAPIC probe guest (64-bit, at CODE; `/tmp` assembly in the
+    /// comments): IDT at 0x30_0000 with vector 0x40 -> `handler`, which
+    /// counts at 0x30_1000 and writes EOI. It enables the APIC (SVR 0x1ff),
+    /// arms a one-shot timer (divide 1, vector 0x40, count 100000), `sti;
+    /// hlt`, prints the count (byte), the version register, the ICR after
+    /// an INIT and after a SIPI to all-but-self (dwords) on port 0xe9,
+    /// then `cli; hlt`; after that `mov al, 0x55; out 0xe9, al; hlt`.
+    const LAPIC_PROBE: [u8; 146] = [
+        0x0f, 0x01, 0x1d, 0x81, 0x00, 0x00, 0x00, 0xbb, 0x00, 0x00, 0xe0, 0xfe, 0xc7, 0x83, 0xf0,
+        0x00, 0x00, 0x00, 0xff, 0x01, 0x00, 0x00, 0xc7, 0x83, 0xe0, 0x03, 0x00, 0x00, 0x0b, 0x00,
+        0x00, 0x00, 0xc7, 0x83, 0x20, 0x03, 0x00, 0x00, 0x40, 0x00, 0x00, 0x00, 0xc7, 0x83, 0x80,
+        0x03, 0x00, 0x00, 0xa0, 0x86, 0x01, 0x00, 0xfb, 0xf4, 0x8b, 0x04, 0x25, 0x00, 0x10, 0x30,
+        0x00, 0xe6, 0xe9, 0x8b, 0x43, 0x30, 0xe7, 0xe9, 0xc7, 0x83, 0x00, 0x03, 0x00, 0x00, 0x00,
+        0x45, 0x0c, 0x00, 0x8b, 0x83, 0x00, 0x03, 0x00, 0x00, 0xe7, 0xe9, 0xc7, 0x83, 0x00, 0x03,
+        0x00, 0x00, 0x10, 0x46, 0x0c, 0x00, 0x8b, 0x83, 0x00, 0x03, 0x00, 0x00, 0xe7, 0xe9, 0xfa,
+        0xf4, 0xb0, 0x55, 0xe6, 0xe9, 0xf4, 0xff, 0x04, 0x25, 0x00, 0x10, 0x30, 0x00, 0xc7, 0x83,
+        0xb0, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x48, 0xcf, 0x66, 0x0f, 0x1f, 0x44, 0x00,
+        0x00, 0xff, 0x0f, 0x00, 0x00, 0x30, 0x00, 0x00, 0x00, 0x00, 0x00,
+    ];
+    const LAPIC_PROBE_HANDLER: u64 = 0x6f;
+
+    /// Maps [3 GiB, 4 GiB) with 2 MiB pages (PCD) in the loader's identity
+    /// map (PD at 0x31_0000) and writes a 64-bit interrupt gate for
+    /// `vector` -> `handler` into the IDT at 0x30_0000.
+    fn map_apic_and_idt(ram: &GuestRam, vector: u64, handler: u64) {
+        let mut view = RamView(ram);
+        let ram = &mut view;
+        let pd = 0x31_0000u64;
+        ram.write_u64(crate::loader::PML4_ADDR + 0x1000 + 3 * 8, pd | 3)
+            .unwrap();
+        for i in 0..512u64 {
+            ram.write_u64(pd + 8 * i, ((3 << 30) + (i << 21)) | 0x93)
+                .unwrap();
+        }
+        let lo = (handler & 0xffff)
+            | (u64::from(crate::loader::SEL_CODE64) << 16)
+            | (0x8e << 40)
+            | ((handler >> 16 & 0xffff) << 48);
+        ram.write_u64(0x30_0000 + 16 * vector, lo).unwrap();
+        ram.write_u64(0x30_0000 + 16 * vector + 8, handler >> 32)
+            .unwrap();
+    }
+
+    /// Runs until HLT; returns the port-0xe9 OUTs (size, value).
+    fn run_to_hlt(vcpu: &mut KvmVcpu) -> Vec<(u8, u32)> {
+        let mut outs = Vec::new();
+        loop {
+            match vcpu.run().unwrap() {
+                VmExit::Hlt => return outs,
+                VmExit::IoOut {
+                    port: 0xe9,
+                    size,
+                    data,
+                } => outs.push((size, data)),
+                VmExit::Interrupted => {}
+                other => panic!("unexpected exit {other:?}"),
+            }
+        }
+    }
+
+    fn lapic_probe(chip: IrqChip) {
+        let ram = ram();
+        let k = load_kernel(&ram, &elf64(CODE, &LAPIC_PROBE, 0), "").unwrap();
+        map_apic_and_idt(&ram, 0x40, CODE + LAPIC_PROBE_HANDLER);
+        let vm = KvmVm::new_l1_with(ram.clone(), &VmxCapabilities::default(), chip).unwrap();
+        assert_eq!(vm.irqchip(), chip);
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let base = vcpu.get_state().unwrap();
+        vcpu.set_state(&k.entry_state(&base)).unwrap();
+        let t = std::time::Instant::now();
+        let outs = run_to_hlt(&mut vcpu);
+        eprintln!("{chip:?}: {outs:x?} in {:?}", t.elapsed());
+        assert_eq!(outs.first(), Some(&(1, 1)), "one timer interrupt");
+        let version = outs.get(1).map(|o| o.1).unwrap_or(0);
+        assert_eq!(version & 0xff, 0x14, "APIC version 0x14: {version:#x}");
+        assert_eq!(
+            outs.get(2),
+            Some(&(4, 0xc4500)),
+            "ICR after INIT to all-but-self: delivery status idle"
+        );
+        assert_eq!(outs.get(3), Some(&(4, 0xc4610)), "ICR after SIPI");
+        assert_eq!(outs.len(), 4);
+        // `cli; hlt` was reported as a HLT; the guest continues after it.
+        assert_eq!(run_to_hlt(&mut vcpu), vec![(1, 0x55)]);
+    }
+
+    #[test]
+    fn test_kvm_split_irqchip_lapic_timer_interrupts_and_halts() {
+        if !kvm_or_skip() {
+            return;
+        }
+        lapic_probe(IrqChip::Split);
+    }
+
+    #[test]
+    fn test_kvm_in_kernel_irqchip_lapic_timer_interrupts_and_halts() {
+        if !kvm_or_skip() {
+            return;
+        }
+        lapic_probe(IrqChip::InKernel);
+    }
+
+    #[test]
+    fn test_kvm_l1_vm_has_the_chosen_irqchip() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let vm = KvmVm::new_l1(ram(), &VmxCapabilities::default()).unwrap();
+        assert_eq!(vm.irqchip(), L1_IRQCHIP);
+        assert_eq!(KvmVm::new_l2(ram()).unwrap().irqchip(), IrqChip::None);
+    }
+
+    /// `sti; nop; nop; jmp $` with `request_interrupt_window`: which
+    /// irqchips give KVM_EXIT_IRQ_WINDOW_OPEN.
+    fn window_probe(chip: IrqChip) -> bool {
+        let ram = ram();
+        let (_vm, mut vcpu) = {
+            let k =
+                load_kernel(&ram, &elf64(CODE, &[0xfb, 0x90, 0x90, 0xeb, 0xfe], 0), "").unwrap();
+            let vm = KvmVm::new_l1_with(ram.clone(), &VmxCapabilities::default(), chip).unwrap();
+            let mut v = vm.create_vcpu(0).unwrap();
+            let base = v.get_state().unwrap();
+            v.set_state(&k.entry_state(&base)).unwrap();
+            (vm, v)
+        };
+        vcpu.fd.get_kvm_run().request_interrupt_window = 1;
+        // The halt watcher does not kick a busy guest out for good: stop
+        // the probe with immediate_exit from a timer thread instead.
+        let deadline = std::time::Instant::now() + Duration::from_millis(300);
+        let mut opened = false;
+        if chip.lapic_in_kernel() {
+            // The watcher re-enters KVM_RUN for a busy guest; bound the
+            // probe by polling with immediate exits.
+            let (tx, rx) = mpsc::channel::<()>();
+            // SAFETY: pthread_self has no preconditions.
+            let me = unsafe { libc::pthread_self() } as u64;
+            let h = std::thread::spawn(move || {
+                while rx.recv_timeout(Duration::from_millis(50)).is_err() {
+                    // SAFETY: the test thread joins this thread before it
+                    // returns; the signal has a no-op handler.
+                    unsafe { libc::pthread_kill(me as libc::pthread_t, halt_kick_signal()) };
+                }
+            });
+            while std::time::Instant::now() < deadline {
+                match vcpu.run().unwrap() {
+                    VmExit::IrqWindowOpen => {
+                        opened = true;
+                        break;
+                    }
+                    VmExit::Interrupted => {}
+                    other => panic!("unexpected exit {other:?}"),
+                }
+            }
+            let _ = tx.send(());
+            let _ = h.join();
+        } else {
+            opened = vcpu.run().unwrap() == VmExit::IrqWindowOpen;
+        }
+        opened
+    }
+
+    #[test]
+    fn test_kvm_interrupt_window_exit_needs_a_userspace_pic() {
+        if !kvm_or_skip() {
+            return;
+        }
+        assert!(
+            window_probe(IrqChip::Split),
+            "split irqchip: window exits work"
+        );
+        assert!(
+            !window_probe(IrqChip::InKernel),
+            "in-kernel PIC ignores request_interrupt_window"
+        );
+    }
+
+    /// `cpuid(1)` ECX; set IA32_APIC_BASE.EXTD|EN; x2APIC version (0x803)
+    /// and ID (0x802); ICR (0x830) INIT to all-but-self, read back; each
+    /// printed as a dword on port 0xe9; hlt.
+    const X2APIC_PROBE: [u8; 62] = [
+        0xb8, 0x01, 0x00, 0x00, 0x00, 0x0f, 0xa2, 0x89, 0xc8, 0xe7, 0xe9, 0xb9, 0x1b, 0x00, 0x00,
+        0x00, 0x0f, 0x32, 0x0d, 0x00, 0x0c, 0x00, 0x00, 0x0f, 0x30, 0xb9, 0x03, 0x08, 0x00, 0x00,
+        0x0f, 0x32, 0xe7, 0xe9, 0xb9, 0x02, 0x08, 0x00, 0x00, 0x0f, 0x32, 0xe7, 0xe9, 0xb9, 0x30,
+        0x08, 0x00, 0x00, 0xb8, 0x00, 0x45, 0x0c, 0x00, 0x31, 0xd2, 0x0f, 0x30, 0x0f, 0x32, 0xe7,
+        0xe9, 0xf4,
+    ];
+
+    #[test]
+    fn test_kvm_x2apic_msrs_answer() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let ram = ram();
+        let (_vm, mut vcpu) = guest(&ram, VmRole::L1, &X2APIC_PROBE);
+        let outs = run_to_hlt(&mut vcpu);
+        eprintln!("x2apic probe: {outs:x?}");
+        let ecx = outs.first().map_or(0, |o| o.1);
+        assert_eq!(
+            ecx & CPUID_1_ECX_X2APIC != 0,
+            X2APIC_WORKS,
+            "CPUID advertises x2APIC iff it works"
+        );
+        assert_eq!(outs.get(1).map(|o| o.1 & 0xff), Some(0x14), "version");
+        assert_eq!(outs.get(2).map(|o| o.1), Some(0), "x2APIC ID of vCPU 0");
+        assert_eq!(outs.get(3).map(|o| o.1), Some(0xc4500), "ICR idle");
     }
 }

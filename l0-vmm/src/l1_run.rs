@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use nested_exit::{Segment, VcpuState};
 use serde::Serialize;
 
-use crate::devices::{Devices, IoOutcome, Level};
+use crate::devices::{Devices, IoOutcome, Level, MsrAccess};
 use crate::hv::{IoctlCounters, Vcpu, VmExit};
 use crate::l1_image::abi;
 use crate::memory::{GuestRam, RamView};
@@ -503,7 +503,14 @@ pub fn run_l1<V: Vcpu, L2: FlushPending>(
         if deadline.expired() {
             break RunEnd::Timeout(deadline.start.elapsed());
         }
-        let exit = match l1.run() {
+        // Tracing: the L1 run span and timeline interval (docs/tracing.md).
+        let span = nested.as_deref_mut().map(|n| n.l1_entering());
+        let run = l1.run();
+        if let Some(n) = nested.as_deref_mut() {
+            n.l1_left(&run);
+        }
+        drop(span);
+        let exit = match run {
             Ok(e) => e,
             Err(e) => break RunEnd::Error(format!("running L1 failed: {e}")),
         };
@@ -542,20 +549,33 @@ pub fn run_l1<V: Vcpu, L2: FlushPending>(
             }
             VmExit::MmioRead { gpa, len } => {
                 bump(&mut stats.l1_exits, "mmio-read");
-                tracing::debug!("L1 read {len} bytes of unmapped memory at {gpa:#x}");
-                l1.complete_mmio_read(&[0xff; 8][..usize::from(len).min(8)]);
+                let v = platform.devices.mmio_read(Level::L1, gpa, len);
+                l1.complete_mmio_read(&v);
             }
-            VmExit::MmioWrite { gpa, .. } => {
+            VmExit::MmioWrite { gpa, data } => {
                 bump(&mut stats.l1_exits, "mmio-write");
-                tracing::debug!("L1 wrote unmapped memory at {gpa:#x}: ignored");
+                platform.devices.mmio_write(Level::L1, gpa, &data);
             }
             VmExit::RdMsr { index } => {
                 bump(&mut stats.l1_exits, "rdmsr");
-                l1.complete_rdmsr(platform.vmx_msrs.rdmsr(index));
+                let v = platform.vmx_msrs.rdmsr(index);
+                if v.is_none() {
+                    platform
+                        .devices
+                        .note_unhandled_msr(Level::L1, index, MsrAccess::Read);
+                }
+                l1.complete_rdmsr(v);
             }
             VmExit::WrMsr { index, data } => {
                 bump(&mut stats.l1_exits, "wrmsr");
-                l1.complete_wrmsr(platform.vmx_msrs.wrmsr(index, data));
+                let ok = platform.vmx_msrs.wrmsr(index, data);
+                // The VMX MSRs refuse writes by design (emulated #GP).
+                if !ok && !crate::msr::is_vmx_msr(index) {
+                    platform
+                        .devices
+                        .note_unhandled_msr(Level::L1, index, MsrAccess::Write);
+                }
+                l1.complete_wrmsr(ok);
             }
             VmExit::Hlt => {
                 bump(&mut stats.l1_exits, "hlt");

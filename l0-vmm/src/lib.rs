@@ -16,5 +16,8 @@ pub mod loader;
 pub mod memory;
 pub mod msr;
 pub mod nested;
+pub mod scenario;
 pub mod test_support;
+pub mod timeline;
+pub mod trace;
 pub mod vmx_emul;

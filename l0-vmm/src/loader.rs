@@ -20,8 +20,17 @@ pub const GDT_ADDR: u64 = 0x500;
 pub const TSS_ADDR: u64 = 0x580;
 /// Multiboot information structure.
 pub const MB_INFO_ADDR: u64 = 0x6000;
-/// Multiboot memory map.
+/// Multiboot memory map (at most [`MB_MMAP_MAX`] entries).
 pub const MB_MMAP_ADDR: u64 = 0x6100;
+/// Room for memory-map entries (24 bytes each) before the module list.
+pub const MB_MMAP_MAX: usize = 32;
+/// Multiboot module list (16 bytes per module).
+pub const MB_MODS_ADDR: u64 = 0x6400;
+/// Most modules the boot area has room for.
+pub const MB_MODS_MAX: usize = 16;
+/// Module strings, NUL-terminated, one after the other, up to the boot
+/// loader name.
+pub const MB_MOD_STRINGS_ADDR: u64 = 0x6500;
 /// Boot loader name string.
 pub const BOOT_LOADER_NAME_ADDR: u64 = 0x6f00;
 /// NUL-terminated command line (both formats).
@@ -62,6 +71,7 @@ const MB_FLAGS_SUPPORTED_LOW: u32 = 0b11;
 /// Multiboot info flags (spec 3.3).
 const MBI_MEM: u32 = 1 << 0;
 const MBI_CMDLINE: u32 = 1 << 2;
+const MBI_MODS: u32 = 1 << 3;
 const MBI_MMAP: u32 = 1 << 6;
 const MBI_LOADER_NAME: u32 = 1 << 9;
 
@@ -145,6 +155,57 @@ pub enum LoadError {
     /// RAM size unusable for the boot layout.
     #[error("guest RAM of {0:#x} bytes is not supported: use 2 MiB to 4 GiB")]
     BadRamSize(u64),
+    /// A module (initrd) does not fit in RAM after the kernel.
+    #[error("module {index} ({len:#x} bytes at {start:#x}) does not fit in guest RAM ({ram:#x} bytes); increase --mem")]
+    ModuleOutsideRam {
+        /// Module number (0 = --initrd).
+        index: usize,
+        /// Where it would start.
+        start: u64,
+        /// Its size.
+        len: u64,
+        /// RAM size.
+        ram: u64,
+    },
+    /// Modules only exist in the Multiboot protocol.
+    #[error("modules (--initrd) need a Multiboot kernel; this is an ELF64 kernel entered in 64-bit mode")]
+    ModulesNeedMultiboot,
+    /// A module file (`--initrd`) could not be read.
+    #[error("cannot read module file {path}: {reason}")]
+    ReadModule {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Too many modules or module strings too long for the boot area.
+    #[error("{0} modules / module strings do not fit in the boot area (at most 16 modules, 2.5 KiB of strings)")]
+    TooManyModules(usize),
+}
+
+/// A Multiboot module: QEMU's `-initrd FILE` is the first one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BootModule {
+    /// The module's contents.
+    pub bytes: Vec<u8>,
+    /// Its string (QEMU: the file name and arguments as given).
+    pub string: String,
+}
+
+impl BootModule {
+    /// The module `--initrd "FILE [ARGS]"` names, as QEMU reads it: the
+    /// file is the first word, the module string is all of `spec`.
+    pub fn from_spec(spec: &str) -> Result<Self, LoadError> {
+        let path = spec.split_ascii_whitespace().next().unwrap_or("");
+        let bytes = std::fs::read(path).map_err(|e| LoadError::ReadModule {
+            path: path.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            bytes,
+            string: spec.to_string(),
+        })
+    }
 }
 
 /// The two boot protocols.
@@ -163,8 +224,10 @@ pub struct LoadedKernel {
     pub format: KernelFormat,
     /// Entry point (guest-physical = virtual).
     pub entry: u64,
-    /// Lowest and one-past-highest loaded address.
+    /// Lowest and one-past-highest loaded address (bss included).
     pub image: (u64, u64),
+    /// Where each module was placed: [start, end).
+    pub modules: Vec<(u64, u64)>,
     /// Template of the entry state: apply with [`LoadedKernel::entry_state`].
     boot: BootRegs,
 }
@@ -556,33 +619,130 @@ fn write_identity_map(ram: &GuestRam) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// Multiboot information: memory sizes, memory map, command line, boot
-/// loader name (spec 3.3).
-fn write_multiboot_info(ram: &GuestRam) -> Result<(), LoadError> {
+/// The Multiboot memory map (spec 3.3) as (base, length, type) entries:
+/// RAM below 640 KiB and above 1 MiB is available (type 1) except what
+/// is in use at entry: page 0 and the boot area ([0, 0x80000): GDT, TSS,
+/// boot information, command line, stack), the kernel image with its bss,
+/// and the modules; those are left out (holes), so an allocator that
+/// takes what the map offers never overwrites them. [0x9fc00, 0xa0000)
+/// (EBDA) and [0xf0000, 0x100000) (BIOS) are reserved (type 2).
+pub fn memory_map(ram_size: u64, in_use: &[(u64, u64)]) -> Vec<(u64, u64, u32)> {
+    let page = crate::memory::PAGE_SIZE;
+    let mut holes: Vec<(u64, u64)> = in_use
+        .iter()
+        .filter(|(s, e)| e > s)
+        .map(|&(s, e)| (s & !(page - 1), e.div_ceil(page) * page))
+        .collect();
+    holes.push((0, BOOT_AREA_END));
+    holes.sort_unstable();
+    let mut out = Vec::new();
+    for (lo, hi) in [(0, 0x9_fc00u64), (0x10_0000, ram_size)] {
+        let mut cur = lo;
+        for &(s, e) in &holes {
+            if e <= cur || s >= hi {
+                continue;
+            }
+            if s > cur {
+                out.push((cur, s.min(hi) - cur, 1));
+            }
+            cur = cur.max(e);
+        }
+        if cur < hi {
+            out.push((cur, hi - cur, 1));
+        }
+        if lo == 0 {
+            out.push((0x9_fc00, 0x400, 2));
+            out.push((0xf_0000, 0x1_0000, 2));
+        }
+    }
+    out
+}
+
+/// Multiboot information: memory sizes, memory map, command line,
+/// modules, boot loader name (spec 3.3).
+fn write_multiboot_info(
+    ram: &GuestRam,
+    image: (u64, u64),
+    modules: &[(u64, u64, &str)],
+) -> Result<(), LoadError> {
     let size = ram.size();
+    let mut in_use = vec![image];
+    in_use.extend(modules.iter().map(|&(s, e, _)| (s, e)));
+    let entries = memory_map(size, &in_use);
+    if entries.len() > MB_MMAP_MAX {
+        return Err(LoadError::TooManyModules(modules.len()));
+    }
     let mut mmap = Vec::new();
-    let mut entry = |base: u64, len: u64, ty: u32| {
+    for (base, len, ty) in entries {
         mmap.extend_from_slice(&20u32.to_le_bytes());
         mmap.extend_from_slice(&base.to_le_bytes());
         mmap.extend_from_slice(&len.to_le_bytes());
         mmap.extend_from_slice(&ty.to_le_bytes());
-    };
-    entry(0, 0x9_fc00, 1);
-    entry(0x9_fc00, 0x400, 2);
-    entry(0xf_0000, 0x1_0000, 2);
-    entry(0x10_0000, size.saturating_sub(0x10_0000), 1);
+    }
     copy_in(ram, MB_MMAP_ADDR, &mmap)?;
+    let mut list = Vec::new();
+    let mut strings = Vec::new();
+    for &(start, end, string) in modules {
+        let str_addr = MB_MOD_STRINGS_ADDR + strings.len() as u64;
+        strings.extend_from_slice(string.as_bytes());
+        strings.push(0);
+        for v in [start as u32, end as u32, str_addr as u32, 0] {
+            list.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    if modules.len() > MB_MODS_MAX
+        || MB_MOD_STRINGS_ADDR + strings.len() as u64 > BOOT_LOADER_NAME_ADDR
+    {
+        return Err(LoadError::TooManyModules(modules.len()));
+    }
+    copy_in(ram, MB_MODS_ADDR, &list)?;
+    copy_in(ram, MB_MOD_STRINGS_ADDR, &strings)?;
     copy_in(ram, BOOT_LOADER_NAME_ADDR, b"l0-vmm\0")?;
     let mut info = [0u8; 120];
     let mut put = |off: usize, v: u32| info[off..off + 4].copy_from_slice(&v.to_le_bytes());
-    put(0, MBI_MEM | MBI_CMDLINE | MBI_MMAP | MBI_LOADER_NAME);
+    put(
+        0,
+        MBI_MEM | MBI_CMDLINE | MBI_MODS | MBI_MMAP | MBI_LOADER_NAME,
+    );
     put(4, 639);
     put(8, ((size.saturating_sub(0x10_0000)) / 1024) as u32);
     put(16, CMDLINE_ADDR as u32);
+    put(20, modules.len() as u32);
+    put(24, MB_MODS_ADDR as u32);
     put(44, mmap.len() as u32);
     put(48, MB_MMAP_ADDR as u32);
     put(64, BOOT_LOADER_NAME_ADDR as u32);
     copy_in(ram, MB_INFO_ADDR, &info)
+}
+
+/// Places the modules one after the other, page aligned, from the first
+/// page after the kernel image (bss included), as QEMU does.
+fn place_modules<'m>(
+    ram: &GuestRam,
+    image: (u64, u64),
+    modules: &'m [BootModule],
+) -> Result<Vec<(u64, u64, &'m str)>, LoadError> {
+    let page = crate::memory::PAGE_SIZE;
+    let mut next = image.1.max(0x10_0000).div_ceil(page) * page;
+    let mut out = Vec::new();
+    for (index, m) in modules.iter().enumerate() {
+        let len = m.bytes.len() as u64;
+        let end = next
+            .checked_add(len)
+            .filter(|&e| e <= ram.size() && e <= 1 << 32);
+        let Some(end) = end else {
+            return Err(LoadError::ModuleOutsideRam {
+                index,
+                start: next,
+                len,
+                ram: ram.size(),
+            });
+        };
+        copy_in(ram, next, &m.bytes)?;
+        out.push((next, end, m.string.as_str()));
+        next = end.div_ceil(page) * page;
+    }
+    Ok(out)
 }
 
 fn load_multiboot(
@@ -654,6 +814,18 @@ fn load_multiboot(
 
 /// Loads `file` into `ram` with `cmdline` and returns how to enter it.
 pub fn load_kernel(ram: &GuestRam, file: &[u8], cmdline: &str) -> Result<LoadedKernel, LoadError> {
+    load_kernel_with_modules(ram, file, cmdline, &[])
+}
+
+/// [`load_kernel`] with Multiboot modules (the first is QEMU's
+/// `-initrd`): placed page aligned after the kernel image and listed in
+/// the Multiboot information (`mods_count`, `mods_addr`).
+pub fn load_kernel_with_modules(
+    ram: &GuestRam,
+    file: &[u8],
+    cmdline: &str,
+    modules: &[BootModule],
+) -> Result<LoadedKernel, LoadError> {
     if ram.size() < (2 << 20) || ram.size() > (4 << 30) {
         return Err(LoadError::BadRamSize(ram.size()));
     }
@@ -664,11 +836,13 @@ pub fn load_kernel(ram: &GuestRam, file: &[u8], cmdline: &str) -> Result<LoadedK
         let (entry, image) = load_multiboot(ram, file, &h)?;
         write_gdt(ram)?;
         write_cmdline(ram, cmdline)?;
-        write_multiboot_info(ram)?;
+        let placed = place_modules(ram, image, modules)?;
+        write_multiboot_info(ram, image, &placed)?;
         return Ok(LoadedKernel {
             format: KernelFormat::Multiboot,
             entry,
             image,
+            modules: placed.iter().map(|&(s, e, _)| (s, e)).collect(),
             boot: BootRegs {
                 rip: entry,
                 rsp: STACK_TOP,
@@ -696,6 +870,9 @@ pub fn load_kernel(ram: &GuestRam, file: &[u8], cmdline: &str) -> Result<LoadedK
     if !elf.is64 || elf.machine != EM_X86_64 {
         return Err(LoadError::UnknownFormat);
     }
+    if !modules.is_empty() {
+        return Err(LoadError::ModulesNeedMultiboot);
+    }
     let image = load_segments(ram, file, &elf.segments)?;
     check_entry(ram, elf.entry, false)?;
     write_gdt(ram)?;
@@ -705,6 +882,7 @@ pub fn load_kernel(ram: &GuestRam, file: &[u8], cmdline: &str) -> Result<LoadedK
         format: KernelFormat::Elf64,
         entry: elf.entry,
         image,
+        modules: Vec::new(),
         boot: BootRegs {
             rip: elf.entry,
             rsp: STACK_TOP,
@@ -880,10 +1058,200 @@ mod tests {
         assert_eq!(&c, b"test=demo\0");
         let mmap_len = r.read_u32(MB_INFO_ADDR + 44).unwrap();
         assert_eq!(mmap_len, 4 * 24);
-        let last = u64::from(r.read_u32(MB_INFO_ADDR + 48).unwrap()) + 3 * 24;
-        assert_eq!(r.read_u64(last + 4).unwrap(), 0x10_0000);
-        assert_eq!(r.read_u64(last + 12).unwrap(), (16 << 20) - 0x10_0000);
+        let first = u64::from(r.read_u32(MB_INFO_ADDR + 48).unwrap());
+        assert_eq!(
+            r.read_u64(first + 4).unwrap(),
+            BOOT_AREA_END,
+            "boot area left out"
+        );
+        let last = first + 3 * 24;
+        // The kernel [1 MiB, 1 MiB + 0x165) is in use: RAM after its page.
+        assert_eq!(r.read_u64(last + 4).unwrap(), 0x10_1000);
+        assert_eq!(r.read_u64(last + 12).unwrap(), (16 << 20) - 0x10_1000);
         assert_eq!(r.read_u32(last + 20).unwrap(), 1);
+        assert_eq!(r.read_u32(MB_INFO_ADDR + 20).unwrap(), 0, "no modules");
+        assert!(k.modules.is_empty());
+    }
+
+    /// The memory map entries the Multiboot information points at.
+    fn mmap_entries(r: &GuestRam) -> Vec<(u64, u64, u32)> {
+        let len = u64::from(r.read_u32(MB_INFO_ADDR + 44).unwrap());
+        let base = u64::from(r.read_u32(MB_INFO_ADDR + 48).unwrap());
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off < len {
+            let e = base + off;
+            let size = u64::from(r.read_u32(e).unwrap());
+            out.push((
+                r.read_u64(e + 4).unwrap(),
+                r.read_u64(e + 12).unwrap(),
+                r.read_u32(e + 20).unwrap(),
+            ));
+            off += size + 4;
+        }
+        out
+    }
+
+    fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+        a.0 < b.1 && b.0 < a.1
+    }
+
+    #[test]
+    fn test_initrd_is_the_first_module_after_the_kernel() {
+        let r = ram();
+        let img = multiboot_kludge(0x10_0000, &[0xf4; 0x20], 0x3000);
+        let mods = [
+            BootModule {
+                bytes: b"first line\nsecond\n".to_vec(),
+                string: "initrd.txt arg=1".into(),
+            },
+            BootModule {
+                bytes: vec![7; 0x1800],
+                string: "second".into(),
+            },
+        ];
+        let k = load_kernel_with_modules(&r, &img, "console=ttyS0", &mods).unwrap();
+        let kernel_end = k.image.1;
+        assert!(kernel_end > 0x10_3000, "bss counted: {kernel_end:#x}");
+        let flags = r.read_u32(MB_INFO_ADDR).unwrap();
+        assert_ne!(flags & MBI_MODS, 0);
+        assert_eq!(r.read_u32(MB_INFO_ADDR + 20).unwrap(), 2);
+        let list = u64::from(r.read_u32(MB_INFO_ADDR + 24).unwrap());
+        let (start, end) = (
+            u64::from(r.read_u32(list).unwrap()),
+            u64::from(r.read_u32(list + 4).unwrap()),
+        );
+        assert_eq!(start % 0x1000, 0, "page aligned");
+        assert!(start >= kernel_end, "after the kernel and its bss");
+        assert_eq!(end - start, 18);
+        assert_eq!(k.modules[0], (start, end));
+        let mut b = vec![0u8; 18];
+        r.read_bytes(start, &mut b).unwrap();
+        assert_eq!(&b, b"first line\nsecond\n");
+        let sp = u64::from(r.read_u32(list + 8).unwrap());
+        let mut st = [0u8; 17];
+        r.read_bytes(sp, &mut st).unwrap();
+        assert_eq!(&st, b"initrd.txt arg=1\0");
+        let second = (
+            u64::from(r.read_u32(list + 16).unwrap()),
+            u64::from(r.read_u32(list + 20).unwrap()),
+        );
+        assert_eq!(second.0, start + 0x1000);
+        assert_eq!(second.1 - second.0, 0x1800);
+        assert!(sp < BOOT_AREA_END && list < BOOT_AREA_END);
+        // Nothing available in the map overlaps page 0, the kernel, the
+        // modules or the boot information.
+        for (base, len, ty) in mmap_entries(&r) {
+            if ty != 1 {
+                continue;
+            }
+            let e = (base, base + len);
+            for used in [
+                (0, 0x1000),
+                k.image,
+                k.modules[0],
+                second,
+                (MB_INFO_ADDR, 0x8000),
+            ] {
+                assert!(!overlaps(e, used), "{e:x?} overlaps {used:x?}");
+            }
+        }
+    }
+
+    #[test]
+    fn test_module_from_spec_reads_the_first_word_as_file() {
+        let dir = std::env::temp_dir().join(format!("l0-vmm-initrd-{}", std::process::id()));
+        std::fs::write(&dir, b"data").unwrap();
+        let spec = format!("{} a=1 b", dir.display());
+        let m = BootModule::from_spec(&spec).unwrap();
+        assert_eq!(m.bytes, b"data");
+        assert_eq!(m.string, spec);
+        let _ = std::fs::remove_file(&dir);
+        assert!(matches!(
+            BootModule::from_spec("/nonexistent/initrd x"),
+            Err(LoadError::ReadModule { path, .. }) if path == "/nonexistent/initrd"
+        ));
+        assert!(matches!(
+            BootModule::from_spec(""),
+            Err(LoadError::ReadModule { .. })
+        ));
+    }
+
+    #[test]
+    fn test_modules_need_multiboot_and_must_fit() {
+        let r = ram();
+        let m = BootModule {
+            bytes: vec![1],
+            string: String::new(),
+        };
+        assert_eq!(
+            load_kernel_with_modules(
+                &r,
+                &elf64(0x20_0000, &[0xf4], 0),
+                "",
+                std::slice::from_ref(&m)
+            ),
+            Err(LoadError::ModulesNeedMultiboot)
+        );
+        let big = BootModule {
+            bytes: vec![0; 16 << 20],
+            string: String::new(),
+        };
+        let img = multiboot_kludge(0x10_0000, &[0xf4], 0);
+        assert!(matches!(
+            load_kernel_with_modules(&r, &img, "", &[big]),
+            Err(LoadError::ModuleOutsideRam { index: 0, .. })
+        ));
+        assert_eq!(
+            load_kernel_with_modules(&r, &img, "", &vec![m; MB_MODS_MAX + 1]),
+            Err(LoadError::TooManyModules(MB_MODS_MAX + 1))
+        );
+    }
+
+    #[test]
+    fn test_memory_map_around_a_kernel_at_2_mib() {
+        let m = memory_map(16 << 20, &[(0x20_0000, 0x20_0800)]);
+        assert_eq!(
+            m,
+            vec![
+                (0x8_0000, 0x9_fc00 - 0x8_0000, 1),
+                (0x9_fc00, 0x400, 2),
+                (0xf_0000, 0x1_0000, 2),
+                (0x10_0000, 0x10_0000, 1),
+                (0x20_1000, (16 << 20) - 0x20_1000, 1),
+            ]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn test_memory_map_never_offers_what_is_in_use(
+            ram_mib in 2u64..64,
+            used in proptest::collection::vec((0u64..(64 << 20), 0u64..(4 << 20)), 0..4),
+        ) {
+            let size = ram_mib << 20;
+            let used: Vec<(u64, u64)> = used.iter().map(|&(s, l)| (s, s + l)).collect();
+            let m = memory_map(size, &used);
+            // Reference: a byte is offered iff it is RAM below 0x9fc00 or
+            // in [1 MiB, size), not in [0, 0x80000), and not in a used
+            // range widened to pages. Checked at range edges and pages.
+            let offered = |a: u64| m.iter().any(|&(b, l, t)| t == 1 && a >= b && a < b + l);
+            let in_use = |a: u64| a < BOOT_AREA_END
+                || used.iter().any(|&(s, e)| e > s && a >= (s & !0xfff) && a < e.div_ceil(0x1000) * 0x1000);
+            let ram_ok = |a: u64| a < 0x9_fc00 || (0x10_0000..size).contains(&a);
+            let mut probes: Vec<u64> = (0..size.min(0x10_0000 + 8 * 0x1000)).step_by(0x1000).collect();
+            for &(s, e) in &used {
+                probes.extend([s.saturating_sub(1), s, e.saturating_sub(1), e, e + 0xfff]);
+            }
+            probes.extend([size - 1, size]);
+            for a in probes {
+                prop_assert_eq!(offered(a), ram_ok(a) && !in_use(a), "address {:#x}", a);
+            }
+            // Entries are sorted and do not overlap.
+            for w in m.windows(2) {
+                prop_assert!(w[0].0 + w[0].1 <= w[1].0);
+            }
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@ use nested_exit::exit::{
     AddressSize, EptViolationQualification, InstructionExit, InstructionInfo, IoDirection,
     IoOperand, IoQualification, IoSize, SegmentReg,
 };
+use nested_exit::record::{stale_mapping_exit, Recorder, RecordingMeta};
 use nested_exit::walk::AccessKind;
 use nested_exit::{
     decide, load_vmcs12_host_state, prepare_vmcs02, prepare_vmcs12, Decision, Exit, L0Policy,
@@ -37,6 +38,8 @@ use vmcs12::{GuestPhysMemory, Vmcs12, VmcsField, VmxCpu, VmxOutcome};
 
 use crate::ept_slots::{EptSlotError, EptSlots, L2Mapping, L2PhysView, SlotStats};
 use crate::hv::{Vcpu, VmExit};
+use crate::timeline::{ExitHandler, TimelineRecorder, Track};
+use crate::trace::{self, Direction};
 use crate::vmx_emul::{
     self, access_linear, decode_vmx, emulate_vmx, fault_vector, trapped_insn_bytes, Access,
     AddrBase, DecodeError, DecodedVmx, EmulError, ExecMode, RegOrMem, SegReg, VmxInstruction,
@@ -301,6 +304,13 @@ pub struct Nested<V: FlushPending> {
     /// Linear address of L2's #PF handler while a breakpoint is armed on it
     /// (EPT on: catches KVM's page walks that hit pages without a slot).
     pf_breakpoint: Option<u64>,
+    /// `--record`: every L2 exit with its inputs and outputs.
+    recorder: Option<Recorder>,
+    /// `--timeline`: who ran when.
+    timeline: Option<TimelineRecorder>,
+    /// vmcs12 at the last VM entry, kept only while field events are on
+    /// (the base of the vmcs12 -> L2 events).
+    entry_fields: Option<Box<Vmcs12>>,
 }
 
 impl<V: FlushPending> std::fmt::Debug for Nested<V> {
@@ -338,6 +348,110 @@ impl<V: FlushPending> Nested<V> {
             last_fault: None,
             l2_mem: None,
             pf_breakpoint: None,
+            recorder: None,
+            timeline: None,
+            entry_fields: None,
+        }
+    }
+
+    /// Records every L2 exit from now on (`--record`, docs/tracing.md).
+    pub fn start_recording(&mut self, meta: RecordingMeta) {
+        self.recorder = Some(Recorder::new(meta));
+    }
+
+    /// Stops recording and returns the recorder.
+    pub fn take_recorder(&mut self) -> Option<Recorder> {
+        self.recorder.take()
+    }
+
+    /// The recorder, while recording.
+    pub fn recorder(&self) -> Option<&Recorder> {
+        self.recorder.as_ref()
+    }
+
+    /// Draws the run on a timeline from now on (`--timeline`).
+    pub fn start_timeline(&mut self, t: TimelineRecorder) {
+        self.timeline = Some(t);
+    }
+
+    /// Stops the timeline and returns its recorder.
+    pub fn take_timeline(&mut self) -> Option<TimelineRecorder> {
+        self.timeline.take()
+    }
+
+    /// L1's vCPU enters `KVM_RUN`: the L1 run span (keep it entered until
+    /// the run returns) and the timeline's L1 interval.
+    pub fn l1_entering(&mut self) -> tracing::span::EnteredSpan {
+        if let Some(t) = self.timeline.as_mut() {
+            t.enter(Track::L1, "L1 runs");
+        }
+        trace::l1_run_span().entered()
+    }
+
+    /// L1's vCPU left `KVM_RUN` with `exit` (or an error).
+    pub fn l1_left<E>(&mut self, exit: &Result<VmExit, E>) {
+        if let Some(t) = self.timeline.as_mut() {
+            let what = match exit {
+                Ok(e) => kvm_exit_name(e),
+                Err(_) => "failed run",
+            };
+            t.leave(format!("L0: {what} exit of L1"));
+        }
+    }
+
+    /// An L2 exit was decided: the exit event and the timeline mark.
+    fn note_decision(&mut self, exit: &Exit, rip: u64, decision: &Decision) {
+        trace::l2_exit(exit, rip, decision);
+        if let Some(t) = self.timeline.as_mut() {
+            let handler = if decision.reflects() {
+                ExitHandler::L1
+            } else {
+                ExitHandler::L0
+            };
+            t.l2_exit(exit.name(), handler, &decision.explanation);
+        }
+    }
+
+    /// `decide_ept_violation` on the current vmcs12, through the recorder
+    /// when recording (`l2`: the state recorded with the exit); an exit L0
+    /// keeps (stale mapping) is finished at once, a reflected one by
+    /// [`Nested::reflect`].
+    fn decide_ept(
+        &mut self,
+        l2: &VcpuState,
+        mem: &mut dyn GuestPhysMemory,
+        gpa: u64,
+        access: AccessKind,
+        gla: u64,
+        context: ViolationContext,
+    ) -> Result<EptExitDecision, NestedError> {
+        let config = self.ept_config();
+        let vmcs12 = self.cpu.current_vmcs().ok_or(NestedError::NoCurrentVmcs)?;
+        Ok(match self.recorder.as_mut() {
+            Some(r) => {
+                let d = r.decide_ept_violation(vmcs12, l2, mem, gpa, access, gla, context, config);
+                if matches!(d, EptExitDecision::L0StaleMapping { .. }) {
+                    r.finish_exit(vmcs12);
+                }
+                d
+            }
+            None => decide_ept_violation(vmcs12, &*mem, gpa, access, gla, context, config),
+        })
+    }
+
+    /// A VM-entry failure is about to be reflected without `decide`: the
+    /// exit event, the timeline mark and the start of its record.
+    fn note_entry_failure(&mut self, exit: &Exit, state: &VcpuState) {
+        trace::entry_failure(exit, state.rip);
+        if let Some(t) = self.timeline.as_mut() {
+            t.l2_exit(
+                exit.name(),
+                ExitHandler::L1,
+                "VM-entry failure after the checks (SDM 27.8)",
+            );
+        }
+        if let (Some(r), Some(v)) = (self.recorder.as_mut(), self.cpu.current_vmcs()) {
+            r.entry_failure(exit, v, state);
         }
     }
 
@@ -481,18 +595,24 @@ impl<V: FlushPending> Nested<V> {
         };
         let bytes = &bytes[..];
         let mode = ExecMode::of(&state);
-        let kind = match decode_vmx(bytes, mode, state.rip) {
-            Ok(d) => d.kind,
+        let decoded = match decode_vmx(bytes, mode, state.rip) {
+            Ok(d) => d,
             Err(e) => return Ok(VmxExitOutcome::NotVmx(e)),
         };
+        let kind = decoded.kind;
         // Virtual CR4.VMXE: L1 cannot set the real bit here (KVM #GPs it),
         // so a VMXON is taken as "VMXE was set" (docs/architecture.md).
         if kind == VmxInstruction::Vmxon {
             self.vmxe = true;
         }
         self.stats.vmx_instructions[kind.index()] += 1;
+        // Tracing: the operands before, only when someone listens.
+        let probe = (trace::insns_enabled() || trace::fields_enabled())
+            .then(|| VmxProbe::before(decoded, &state, self.cpu.current_vmcs()));
         let step = emulate_vmx(&mut state, bytes, self.vmxe, &mut self.cpu, mem)?;
-        tracing::debug!(?step, rip = state.rip, "L1 VMX instruction");
+        if let Some(p) = probe {
+            p.after(&step, &self.cpu);
+        }
         match step {
             VmxStep::Completed { kind, outcome } => {
                 if kind == VmxInstruction::Vmxoff && outcome == VmxOutcome::Succeed {
@@ -521,6 +641,7 @@ impl<V: FlushPending> Nested<V> {
                 self.l1_at_entry = state;
                 let exit = entry_failure_exit(basic_reason, qualification)?;
                 self.stats.entry_failures += 1;
+                self.note_entry_failure(&exit, &state);
                 let observed = Observed {
                     exit,
                     l2: state,
@@ -569,6 +690,7 @@ impl<V: FlushPending> Nested<V> {
                 let info = failure.exit_info();
                 let exit = entry_failure_exit(info.basic_reason(), info.qualification)?;
                 self.stats.entry_failures += 1;
+                self.note_entry_failure(&exit, &l1_state);
                 let observed = Observed {
                     exit,
                     l2: l1_state,
@@ -578,6 +700,15 @@ impl<V: FlushPending> Nested<V> {
                 return Ok(VmxExitOutcome::Continue);
             }
         };
+        if trace::fields_enabled() {
+            // vmcs12 -> L2: the guest-state fields L0 loads, where they
+            // differ from the previous entry (all non-zero ones at the first).
+            let base = self.entry_fields.take().unwrap_or_default();
+            trace::fields_diff(Direction::Vmcs12ToL2, &base, vmcs12, trace::is_guest_state);
+            self.entry_fields = Some(Box::new(vmcs12.clone()));
+        } else {
+            self.entry_fields = None;
+        }
         let mut l2 = vmcs02.l2;
         // Virtual VMXE: GUEST_CR4 carries VMXE (CR4_FIXED0); KVM refuses it.
         l2.cr4 &= !CR4_VMXE;
@@ -603,8 +734,18 @@ impl<V: FlushPending> Nested<V> {
         host: &mut dyn L2Host,
     ) -> Result<VmxExitOutcome, NestedError> {
         loop {
-            let exit = self.l2.run().map_err(l2_err)?;
-            match self.handle_l2_exit(exit, mem, host)? {
+            let span = trace::l2_run_span(self.stats.l2_entries).entered();
+            if let Some(t) = self.timeline.as_mut() {
+                t.enter(Track::L2, "L2 runs");
+            }
+            let exit = self.l2.run();
+            if let Some(t) = self.timeline.as_mut() {
+                let what = exit.as_ref().map_or("failed run", kvm_exit_name);
+                t.leave(format!("L0: {what} exit of L2"));
+            }
+            let step = self.handle_l2_exit(exit.map_err(l2_err)?, mem, host)?;
+            drop(span);
+            match step {
                 L2Step::Resume => {}
                 L2Step::Stop(code) => return Ok(VmxExitOutcome::Stop(code)),
                 L2Step::Interrupted => return Ok(VmxExitOutcome::L2Interrupted),
@@ -639,7 +780,18 @@ impl<V: FlushPending> Nested<V> {
         }
         let observed = self.observe(&exit, mem)?;
         let vmcs12 = self.cpu.current_vmcs().ok_or(NestedError::NoCurrentVmcs)?;
-        let decision = decide(&observed.exit, vmcs12, &*mem, &self.policy);
+        let decision = match self.recorder.as_mut() {
+            Some(r) => {
+                let d = r.decide(&observed.exit, vmcs12, &observed.l2, mem, &self.policy);
+                if !d.reflects() {
+                    // L0 handles it: vmcs12 does not change.
+                    r.finish_exit(vmcs12);
+                }
+                d
+            }
+            None => decide(&observed.exit, vmcs12, &*mem, &self.policy),
+        };
+        self.note_decision(&observed.exit, observed.l2.rip, &decision);
         let reason = observed.exit.basic_reason();
         let handler = if decision.reflects() {
             Handler::L1
@@ -647,13 +799,6 @@ impl<V: FlushPending> Nested<V> {
             Handler::L0
         };
         *self.stats.exits.entry((reason, handler)).or_default() += 1;
-        tracing::debug!(
-            exit = observed.exit.name(),
-            rip = observed.l2.rip,
-            ?handler,
-            why = %decision.explanation,
-            "L2 exit"
-        );
         let reflects = decision.reflects();
         self.last_decision = Some((observed.exit.name(), decision));
         if reflects {
@@ -805,7 +950,12 @@ impl<V: FlushPending> Nested<V> {
                 ..
             } => {
                 *self.stats.exits.entry((48, Handler::L0)).or_default() += 1;
+                if self.recorder.is_some() {
+                    // The same pure call again, through the recorder.
+                    self.decide_ept(&l2, mem, gpa, access, 0, ViolationContext::default())?;
+                }
                 tracing::debug!(gpa, hpa, why = %decision.explanation, "L2 EPT exit handled by L0");
+                self.note_decision(&stale_mapping_exit(access, gpa), l2.rip, &decision);
                 self.last_decision = Some(("EPT violation", decision));
                 match exit {
                     VmExit::MmioRead { .. } => {
@@ -870,16 +1020,7 @@ impl<V: FlushPending> Nested<V> {
             linear_translation: gla.is_some(),
             nmi_unblocking: false,
         };
-        let vmcs12 = self.cpu.current_vmcs().ok_or(NestedError::NoCurrentVmcs)?;
-        let decided = decide_ept_violation(
-            vmcs12,
-            &*mem,
-            gpa,
-            access,
-            gla.unwrap_or(0),
-            context,
-            config,
-        );
+        let decided = self.decide_ept(&l2, mem, gpa, access, gla.unwrap_or(0), context)?;
         let EptExitDecision::Reflect {
             exit: vmx_exit,
             decision,
@@ -898,6 +1039,7 @@ impl<V: FlushPending> Nested<V> {
             why = %decision.explanation,
             "L2 EPT exit reflected"
         );
+        self.note_decision(&vmx_exit, l2.rip, &decision);
         self.last_decision = Some((vmx_exit.name(), decision));
         // KVM must not finish the access later over what L1 writes into
         // vmcs12: a read gets a neutral value; both are flushed (a write may
@@ -982,26 +1124,21 @@ impl<V: FlushPending> Nested<V> {
         let Some(table_gpa) = failed else {
             return self.step_over_pf_breakpoint(mem, host);
         };
-        let config = self.ept_config();
         let max_gpa = self.max_l2_gpa();
-        let vmcs12 = self.cpu.current_vmcs().ok_or(NestedError::NoCurrentVmcs)?;
         let context = ViolationContext {
             guest_linear_address_valid: true,
             linear_translation: false,
             nmi_unblocking: false,
         };
-        match decide_ept_violation(
-            vmcs12,
-            &*mem,
-            table_gpa,
-            AccessKind::Read,
-            st.cr2,
-            context,
-            config,
-        ) {
+        match self.decide_ept(&pre, mem, table_gpa, AccessKind::Read, st.cr2, context)? {
             EptExitDecision::NoL1Ept(_) => self.step_over_pf_breakpoint(mem, host),
             EptExitDecision::L0StaleMapping { decision, .. } => {
                 *self.stats.exits.entry((48, Handler::L0)).or_default() += 1;
+                self.note_decision(
+                    &stale_mapping_exit(AccessKind::Read, table_gpa),
+                    pre.rip,
+                    &decision,
+                );
                 self.last_decision = Some(("EPT violation", decision));
                 let slots = self.l2_mem.as_mut().ok_or(NestedError::NoL2Vm)?;
                 let mapping = L2Mapping::Ept {
@@ -1028,6 +1165,7 @@ impl<V: FlushPending> Nested<V> {
                     .or_default() += 1;
                 self.stats.paging_structure_violations += 1;
                 tracing::debug!(table_gpa, cr2 = st.cr2, why = %decision.explanation, "L2 page walk hit an EPT hole");
+                self.note_decision(&exit, pre.rip, &decision);
                 self.last_decision = Some((exit.name(), decision));
                 self.l2_cached = None;
                 Ok(L2Step::Reflect(Box::new(Observed {
@@ -1172,7 +1310,19 @@ impl<V: FlushPending> Nested<V> {
             let _ = mem.write_u32(pointer.wrapping_add(OFFSET_ABORT_INDICATOR), e.indicator());
             NestedError::VmxAbort(e)
         };
-        if let Err(e) = prepare_vmcs12(vmcs12, &l2, &info, 0, &l2, mem) {
+        let before = trace::fields_enabled().then(|| vmcs12.clone());
+        let prepared = match self.recorder.as_mut() {
+            Some(r) => {
+                let p = r.prepare_vmcs12(vmcs12, &l2, &info, 0, &l2, mem);
+                r.finish_exit(vmcs12);
+                p
+            }
+            None => prepare_vmcs12(vmcs12, &l2, &info, 0, &l2, mem),
+        };
+        if let Some(before) = before {
+            trace::fields_diff(Direction::L2ToVmcs12, &before, vmcs12, |_| true);
+        }
+        if let Err(e) = prepared {
             return Err(abort(e, mem));
         }
         // The CPU's state at the exit is L2's (GPRs, CR2, DR0-3, DR6 and the
@@ -1184,10 +1334,147 @@ impl<V: FlushPending> Nested<V> {
             Ok(l) => l,
             Err(e) => return Err(abort(e, mem)),
         };
+        if trace::fields_enabled() {
+            trace::host_state_loaded(vmcs12, &msrs, &state);
+        }
         let unapplied = loads.iter().filter(|m| msrs.msr(m.index).is_none()).count();
         self.stats.unapplied_msr_loads += unapplied as u64;
         state.cr4 &= !CR4_VMXE;
         l1.set_state(&state).map_err(l1_err)
+    }
+}
+
+/// What the trace needs of a VMX instruction, taken before it runs.
+struct VmxProbe {
+    d: DecodedVmx,
+    rip: u64,
+    /// The register operand's value (VMREAD/VMWRITE: the encoding).
+    reg_value: Option<u64>,
+    /// VMREAD/VMWRITE: the field, if the encoding names one.
+    access: Option<vmcs12::FieldAccess>,
+    /// VMWRITE: the field before.
+    field_before: u64,
+    /// VMREAD to a register: the register before.
+    dest_before: Option<u64>,
+}
+
+impl VmxProbe {
+    fn before(d: DecodedVmx, state: &VcpuState, vmcs: Option<&Vmcs12>) -> Self {
+        let mask = if d.operand_size == 64 {
+            u64::MAX
+        } else {
+            u64::from(u32::MAX)
+        };
+        let reg_value = d.reg.map(|r| state.gprs.get(r) & mask);
+        let access = match d.kind {
+            VmxInstruction::Vmread | VmxInstruction::Vmwrite => {
+                reg_value.and_then(|e| vmcs12::FieldAccess::resolve(e).ok())
+            }
+            _ => None,
+        };
+        let field_before = match (access, vmcs) {
+            (Some(a), Some(v)) => v.read_access(a),
+            _ => 0,
+        };
+        let dest_before = match d.rm {
+            Some(RegOrMem::Reg(r)) => Some(state.gprs.get(r) & mask),
+            _ => None,
+        };
+        Self {
+            d,
+            rip: state.rip,
+            reg_value,
+            access,
+            field_before,
+            dest_before,
+        }
+    }
+
+    /// Emits the instruction event and, for a VMREAD/VMWRITE that
+    /// succeeded, the field event.
+    fn after(&self, step: &VmxStep, cpu: &VmxCpu) {
+        let vmcs = cpu.current_vmcs();
+        let new = match (self.access, vmcs) {
+            (Some(a), Some(v)) => Some(v.read_access(a)),
+            _ => None,
+        };
+        let succeeded = matches!(
+            step,
+            VmxStep::Completed {
+                outcome: VmxOutcome::Succeed,
+                ..
+            }
+        );
+        if trace::insns_enabled() {
+            let mut operands = Vec::new();
+            match (self.access, self.reg_value) {
+                (Some(a), Some(e)) => operands.push(format!("field {} ({e:#06x})", a.field.name())),
+                (None, Some(e)) => operands.push(format!("reg {e:#x}")),
+                _ => {}
+            }
+            match self.d.rm {
+                Some(RegOrMem::Reg(r)) => operands.push(format!("r/m GPR{r}")),
+                Some(RegOrMem::Mem(m)) => operands.push(format!(
+                    "r/m [{:?} {:?} + {:#x}]",
+                    m.segment, m.base, m.displacement
+                )),
+                None => {}
+            }
+            if let (true, Some(v)) = (succeeded, new) {
+                operands.push(format!("value {v:#x}"));
+            }
+            if matches!(
+                self.d.kind,
+                VmxInstruction::Vmptrld | VmxInstruction::Vmclear | VmxInstruction::Vmptrst
+            ) {
+                operands.push(format!("current VMCS {:#x}", cpu.current_vmcs_pointer()));
+            }
+            let outcome = match *step {
+                VmxStep::Completed { outcome, .. } => format!("{outcome:?}"),
+                VmxStep::Fault { fault, .. } => format!("fault {fault:?}"),
+                VmxStep::EnterL2 { .. } => "VM entry: L2 runs".to_string(),
+                VmxStep::EntryFailure {
+                    basic_reason,
+                    qualification,
+                    ..
+                } => format!(
+                    "VM-entry failure: exit reason {basic_reason} (bit 31 set), qualification {qualification:#x}"
+                ),
+            };
+            trace::vmx_insn(self.d.kind.name(), self.rip, &operands.join(", "), &outcome);
+        }
+        if let (true, Some(a), Some(v)) = (succeeded, self.access, new) {
+            match self.d.kind {
+                VmxInstruction::Vmwrite => {
+                    trace::field(Direction::Vmwrite, a.field, self.field_before, v)
+                }
+                VmxInstruction::Vmread => {
+                    trace::field(Direction::Vmread, a.field, self.dest_before.unwrap_or(0), v)
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A short name of a KVM exit for the timeline.
+fn kvm_exit_name(e: &VmExit) -> &'static str {
+    match e {
+        VmExit::IoOut { .. } => "OUT",
+        VmExit::IoIn { .. } => "IN",
+        VmExit::MmioRead { .. } => "MMIO read",
+        VmExit::MmioWrite { .. } => "MMIO write",
+        VmExit::RdMsr { .. } => "RDMSR",
+        VmExit::WrMsr { .. } => "WRMSR",
+        VmExit::Hlt => "HLT",
+        VmExit::Shutdown => "shutdown",
+        VmExit::EmulationFailure { .. } => "emulation-failure",
+        VmExit::InternalError { .. } => "internal-error",
+        VmExit::FailEntry { .. } => "fail-entry",
+        VmExit::Debug { .. } => "debug",
+        VmExit::IrqWindowOpen => "irq-window",
+        VmExit::Interrupted => "interrupted",
+        VmExit::Unsupported(_) => "unsupported",
     }
 }
 
@@ -2446,6 +2733,107 @@ mod tests {
         assert_eq!(v.get(F::VM_EXIT_REASON), 12);
         assert_eq!(v.get(F::GUEST_RIP), L2_RIP + 2, "RIP at the HLT");
         assert_eq!(v.get(F::VM_EXIT_INSTRUCTION_LEN), 1);
+    }
+
+    /// OUT 0xe9 (L0's) then HLT (reflected), with the recorder and the
+    /// timeline on.
+    fn traced_rig() -> Rig {
+        let mut rig = Rig::new();
+        rig.nested.start_recording(RecordingMeta::default());
+        rig.nested.start_timeline(TimelineRecorder::new());
+        rig.l2_code(&[0xe6, 0xe9, 0xf4]);
+        rig.nested.l2.then(
+            VmExit::IoOut {
+                port: 0xe9,
+                size: 1,
+                data: 0x41,
+            },
+            step(L2_RIP + 2, 0, 0x41),
+        );
+        rig.nested.l2.then(VmExit::Hlt, step(L2_RIP + 3, 0, 0x41));
+        rig
+    }
+
+    #[test]
+    fn test_recorder_sees_every_l2_exit_and_replays_clean() {
+        let mut rig = traced_rig();
+        assert_eq!(rig.vmlaunch(), VmxExitOutcome::Continue);
+        let rec = rig.nested.take_recorder().unwrap().into_recording();
+        assert_eq!(rec.records.len(), 2);
+        assert!(rec.records[0].prepare.is_none(), "OUT 0xe9 stays in L0");
+        assert_eq!(rec.records[0].vmcs12_before, rec.records[0].vmcs12_after);
+        let hlt = &rec.records[1];
+        assert!(hlt.prepare.is_some());
+        assert_eq!(hlt.vmcs12_after.get(F::VM_EXIT_REASON), 12);
+        assert_eq!(&hlt.vmcs12_after, rig.vmcs());
+        let report = nested_exit::record::replay(&rec);
+        assert!(report.is_clean(), "{report}");
+    }
+
+    #[test]
+    fn test_timeline_has_l2_runs_and_both_exits() {
+        let mut rig = traced_rig();
+        assert_eq!(rig.vmlaunch(), VmxExitOutcome::Continue);
+        let tl = rig.nested.take_timeline().unwrap().finish();
+        let l2_runs = tl.intervals.iter().filter(|i| i.track == Track::L2).count();
+        assert_eq!(l2_runs, 2);
+        assert_eq!(tl.exits.len(), 2);
+        assert_eq!(tl.exits[0].handler, ExitHandler::L0);
+        assert_eq!(tl.exits[1].handler, ExitHandler::L1);
+        assert!(tl
+            .intervals
+            .iter()
+            .any(|i| i.track == Track::L0 && i.label == "L0: HLT exit of L2"));
+    }
+
+    #[test]
+    fn test_field_events_of_an_entry_and_a_reflected_exit() {
+        let mut rig = traced_rig();
+        let (outcome, ev) = trace::capture(|| rig.vmlaunch());
+        assert_eq!(outcome, VmxExitOutcome::Continue);
+        let dir = |d: &str, f: &str| {
+            ev.iter()
+                .find(|e| e.get("dir") == Some(d) && e.get("field") == Some(f))
+                .map(|e| {
+                    (
+                        e.get("old").unwrap().to_string(),
+                        e.get("new").unwrap().to_string(),
+                    )
+                })
+        };
+        assert_eq!(
+            dir("vmcs12->l2", "GUEST_RIP"),
+            Some(("0x0".into(), format!("{L2_RIP:#x}")))
+        );
+        assert_eq!(
+            dir("l2->vmcs12", "VM_EXIT_REASON"),
+            Some(("0x0".into(), "0xc".into()))
+        );
+        assert_eq!(
+            dir("l2->vmcs12", "GUEST_RIP"),
+            Some((format!("{L2_RIP:#x}"), format!("{:#x}", L2_RIP + 2)))
+        );
+        assert_eq!(
+            dir("host->l1", "HOST_RIP").map(|p| p.1),
+            Some(format!("{HOST_RIP:#x}"))
+        );
+        let exits: Vec<_> = ev
+            .iter()
+            .filter(|e| e.target == trace::TARGET_EXIT)
+            .collect();
+        assert_eq!(exits.len(), 2);
+        assert_eq!(exits[0].get("handler"), Some("L0"));
+        assert_eq!(exits[1].get("reason"), Some("HLT"));
+        let launch = ev
+            .iter()
+            .find(|e| e.get("insn") == Some("vmlaunch"))
+            .expect("VMLAUNCH event");
+        assert_eq!(launch.get("outcome"), Some("VM entry: L2 runs"));
+        assert!(rig.nested.entry_fields.is_some());
+        // Without a subscriber nothing is kept for the next entry.
+        let mut quiet = traced_rig();
+        assert_eq!(quiet.vmlaunch(), VmxExitOutcome::Continue);
+        assert!(quiet.nested.entry_fields.is_none());
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub enum TestMode {
     RealmodeNoUg,
     /// Event injection: #GP with error code, INT n, external interrupt.
     Inject,
+    /// Driven by the scenario L0 wrote into guest memory (issue 7,
+    /// `docs/scenarios.md`).
+    Scenario,
 }
 
 impl TestMode {
@@ -42,6 +45,7 @@ impl TestMode {
         TestMode::Realmode,
         TestMode::RealmodeNoUg,
         TestMode::Inject,
+        TestMode::Scenario,
     ];
 
     /// The name used after `test=`.
@@ -57,6 +61,7 @@ impl TestMode {
             TestMode::Realmode => "realmode",
             TestMode::RealmodeNoUg => "realmode-no-ug",
             TestMode::Inject => "inject",
+            TestMode::Scenario => "scenario",
         }
     }
 
@@ -115,6 +120,7 @@ mod tests {
         assert_eq!(test_mode("test=rip-change  quiet"), Ok(TestMode::RipChange));
         assert_eq!(test_mode("test=realmode-no-ug"), Ok(TestMode::RealmodeNoUg));
         assert_eq!(test_mode("test=ept"), Ok(TestMode::Ept));
+        assert_eq!(test_mode("test=scenario"), Ok(TestMode::Scenario));
     }
 
     #[test]

@@ -18,5 +18,6 @@ pub mod ept;
 pub mod event;
 pub mod exit;
 pub mod multiboot;
+pub mod scenario;
 pub mod segment;
 pub mod text;

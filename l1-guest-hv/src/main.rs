@@ -23,6 +23,8 @@ mod modes;
 mod realmode;
 #[path = "kernel/rt.rs"]
 mod rt;
+#[path = "kernel/scenario_mode.rs"]
+mod scenario_mode;
 #[path = "kernel/vmx.rs"]
 mod vmx;
 

@@ -49,17 +49,20 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use vmcs12::{GuestPhysMemory, OutOfRange, Vmcs12, VmcsField};
 
+use crate::decide::EptExitDecision;
 use crate::decide::{Decision, Disposition, L0Policy};
-use crate::exit::{Exit, ExitContext};
+use crate::ept::{EptConfig, ViolationContext};
+use crate::exit::{EptViolationQualification, Exit, ExitContext};
 use crate::exit_info::ExitInfo;
 use crate::state::VcpuState;
 use crate::transfer::{MsrAccess, VmxAbort};
+use crate::walk::AccessKind;
 
 /// Magic bytes at the start of every recording.
 pub const RECORDING_MAGIC: [u8; 8] = *b"NVMXREC\0";
 /// Current recording format version; bump it when a recorded type changes
 /// shape (a field added to `Vmcs12`'s catalogue does not: it is a vector).
-pub const RECORDING_FORMAT_VERSION: u16 = 1;
+pub const RECORDING_FORMAT_VERSION: u16 = 2;
 /// Length of the fixed header.
 pub const RECORDING_HEADER_LEN: usize = 16;
 /// Length of a frame header (payload length + hash).
@@ -273,6 +276,80 @@ pub enum ExitSource {
     /// VMLAUNCH/VMRESUME failed after the checks (reason 33/34 with bit
     /// 31, SDM 27.8): reflected to L1 without `decide`.
     EntryFailure,
+    /// An EPT fault L0 saw while vmcs12 enables EPT:
+    /// [`crate::decide::decide_ept_violation`] walked L1's EPT (inputs in
+    /// [`ExitRecord::ept`]) and reflected exit 48/49 or found L0's mapping
+    /// stale (format version 2).
+    EptViolation,
+}
+
+/// The access of an EPT fault, as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RecordedAccess {
+    /// A data read.
+    Read,
+    /// A data write.
+    Write,
+    /// An instruction fetch.
+    Fetch,
+}
+
+impl From<AccessKind> for RecordedAccess {
+    fn from(a: AccessKind) -> Self {
+        match a {
+            AccessKind::Read => RecordedAccess::Read,
+            AccessKind::Write => RecordedAccess::Write,
+            AccessKind::Fetch => RecordedAccess::Fetch,
+        }
+    }
+}
+
+impl From<RecordedAccess> for AccessKind {
+    fn from(a: RecordedAccess) -> Self {
+        match a {
+            RecordedAccess::Read => AccessKind::Read,
+            RecordedAccess::Write => AccessKind::Write,
+            RecordedAccess::Fetch => AccessKind::Fetch,
+        }
+    }
+}
+
+/// The inputs of `decide_ept_violation` besides vmcs12 and memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct EptInputs {
+    /// The L2-physical address of the fault.
+    pub gpa: u64,
+    /// The access.
+    pub access: RecordedAccess,
+    /// The guest-linear address (meaningful with `gla_valid`).
+    pub gla: u64,
+    /// `ViolationContext::guest_linear_address_valid`.
+    pub gla_valid: bool,
+    /// `ViolationContext::linear_translation`.
+    pub linear_translation: bool,
+    /// `ViolationContext::nmi_unblocking`.
+    pub nmi_unblocking: bool,
+    /// `EptConfig::execute_only`.
+    pub execute_only: bool,
+    /// `EptConfig::maxphyaddr`.
+    pub maxphyaddr: u8,
+}
+
+impl EptInputs {
+    fn context(&self) -> ViolationContext {
+        ViolationContext {
+            guest_linear_address_valid: self.gla_valid,
+            linear_translation: self.linear_translation,
+            nmi_unblocking: self.nmi_unblocking,
+        }
+    }
+
+    fn config(&self) -> EptConfig {
+        EptConfig {
+            execute_only: self.execute_only,
+            maxphyaddr: self.maxphyaddr,
+        }
+    }
 }
 
 /// One L2 exit, with everything needed to replay it.
@@ -300,6 +377,9 @@ pub struct ExitRecord {
     /// `prepare_vmcs12`'s inputs and outcome; `None` when L0 handled the
     /// exit (then vmcs12 is not touched).
     pub prepare: Option<PrepareRecord>,
+    /// For [`ExitSource::EptViolation`]: the other inputs of
+    /// `decide_ept_violation`.
+    pub ept: Option<EptInputs>,
     /// vmcs12 after the exit.
     pub vmcs12_after: Vmcs12,
 }
@@ -313,6 +393,21 @@ impl ExitRecord {
     /// The SDM name of the basic exit reason.
     pub fn reason_name(&self) -> &'static str {
         crate::exit::reason_name(self.info.basic_reason()).unwrap_or("unknown exit reason")
+    }
+}
+
+/// The exit recorded for an EPT fault L0 resolved by rebuilding its own
+/// mapping (L1 never sees it): an EPT violation with the access bit only.
+pub fn stale_mapping_exit(access: AccessKind, gpa: u64) -> Exit {
+    let qualification = match access {
+        AccessKind::Read => EptViolationQualification::READ,
+        AccessKind::Write => EptViolationQualification::WRITE,
+        AccessKind::Fetch => EptViolationQualification::FETCH,
+    };
+    Exit::EptViolation {
+        qualification,
+        gpa,
+        gla: None,
     }
 }
 
@@ -608,6 +703,11 @@ fn check_record(r: &ExitRecord, frame: Frame) -> Result<(), RecordError> {
             "vmcs12_after does not hold one in-width value per catalogue field",
         ));
     }
+    if (r.source == ExitSource::EptViolation) != r.ept.is_some() {
+        return Err(bad(
+            "an EPT-violation record must carry the EPT walk inputs, and only it",
+        ));
+    }
     let logs = std::iter::once(&r.decide_memory).chain(r.prepare.as_ref().map(|p| &p.memory));
     for log in logs {
         for a in &log.accesses {
@@ -847,6 +947,57 @@ impl Recorder {
         decision
     }
 
+    /// Runs [`crate::decide::decide_ept_violation`] and, when it returns
+    /// an exit (reflected, or L0's stale mapping), starts its record like
+    /// [`Recorder::decide`]; `NoL1Ept` is not an exit and is not recorded.
+    /// A stale mapping is recorded as an EPT violation L0 handles.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decide_ept_violation(
+        &mut self,
+        vmcs12: &Vmcs12,
+        l2: &VcpuState,
+        mem: &mut dyn GuestPhysMemory,
+        gpa: u64,
+        access: AccessKind,
+        gla: u64,
+        context: ViolationContext,
+        config: EptConfig,
+    ) -> EptExitDecision {
+        let logging = LoggingMemory::new(mem);
+        let result = crate::decide::decide_ept_violation(
+            vmcs12, &logging, gpa, access, gla, context, config,
+        );
+        let exit = match &result {
+            EptExitDecision::NoL1Ept(_) => return result,
+            EptExitDecision::Reflect { exit, .. } => *exit,
+            EptExitDecision::L0StaleMapping { .. } => stale_mapping_exit(access, gpa),
+        };
+        let seq = self.next_seq();
+        self.begin(
+            seq,
+            ExitSource::EptViolation,
+            &exit,
+            vmcs12,
+            l2,
+            &L0Policy::default(),
+            result.decision(),
+            logging.into_log(),
+        );
+        if let Some(p) = self.pending.as_mut() {
+            p.ept = Some(EptInputs {
+                gpa,
+                access: access.into(),
+                gla,
+                gla_valid: context.guest_linear_address_valid,
+                linear_translation: context.linear_translation,
+                nmi_unblocking: context.nmi_unblocking,
+                execute_only: config.execute_only,
+                maxphyaddr: config.maxphyaddr,
+            });
+        }
+        result
+    }
+
     /// Starts the record of a VM-entry failure that L0 reflects without
     /// `decide` (then [`Recorder::prepare_vmcs12`] and
     /// [`Recorder::finish_exit`] as for a reflected exit).
@@ -910,6 +1061,7 @@ impl Recorder {
                     decision: decision.into(),
                     decide_memory,
                     prepare: None,
+                    ept: None,
                     vmcs12_after: vmcs12.clone(),
                 });
             }
@@ -1174,6 +1326,16 @@ impl MsrAccess for ReplayMsrs {
 
 /// The signature of [`crate::decide::decide`].
 pub type DecideFn = fn(&Exit, &Vmcs12, &dyn GuestPhysMemory, &L0Policy) -> Decision;
+/// The signature of [`crate::decide::decide_ept_violation`].
+pub type DecideEptFn = fn(
+    &Vmcs12,
+    &dyn GuestPhysMemory,
+    u64,
+    AccessKind,
+    u64,
+    ViolationContext,
+    EptConfig,
+) -> EptExitDecision;
 /// The signature of [`crate::transfer::prepare_vmcs12`].
 pub type PrepareFn = fn(
     &mut Vmcs12,
@@ -1190,6 +1352,8 @@ pub type PrepareFn = fn(
 pub struct ReplayFns {
     /// Replaces `decide`.
     pub decide: DecideFn,
+    /// Replaces `decide_ept_violation`.
+    pub decide_ept_violation: DecideEptFn,
     /// Replaces `prepare_vmcs12`.
     pub prepare_vmcs12: PrepareFn,
 }
@@ -1198,6 +1362,7 @@ impl Default for ReplayFns {
     fn default() -> Self {
         Self {
             decide: crate::decide::decide,
+            decide_ept_violation: crate::decide::decide_ept_violation,
             prepare_vmcs12: crate::transfer::prepare_vmcs12,
         }
     }
@@ -1290,6 +1455,19 @@ pub enum Difference {
         /// MSR index.
         index: u32,
     },
+    /// `decide_ept_violation` built another exit from L1's EPT.
+    ExitInfo {
+        /// Recorded exit information.
+        recorded: Box<ExitInfo>,
+        /// Replayed exit information.
+        replayed: Box<ExitInfo>,
+    },
+    /// `decide_ept_violation` found no EPT in vmcs12 where the recording
+    /// had one.
+    NoEpt {
+        /// Its explanation.
+        explanation: String,
+    },
     /// Replay reflects an exit L0 handled at record time, so
     /// `prepare_vmcs12` ran without recorded MSR and memory answers (L2's
     /// MSRs came from its state; the field differences are indicative).
@@ -1302,6 +1480,22 @@ impl fmt::Display for Difference {
             Difference::ExitDecode { message } => {
                 write!(f, "the recorded exit does not decode: {message}")
             }
+            Difference::ExitInfo { recorded, replayed } => write!(
+                f,
+                "exit built from L1's EPT: recorded reason {} qualification {:#x} GPA {:#x} GLA {:#x}, replayed reason {} qualification {:#x} GPA {:#x} GLA {:#x}",
+                recorded.reason,
+                recorded.qualification,
+                recorded.guest_physical_address,
+                recorded.guest_linear_address,
+                replayed.reason,
+                replayed.qualification,
+                replayed.guest_physical_address,
+                replayed.guest_linear_address
+            ),
+            Difference::NoEpt { explanation } => write!(
+                f,
+                "decide_ept_violation found no EPT in the recorded vmcs12 (\"{explanation}\")"
+            ),
             Difference::Disposition { recorded, replayed } => write!(
                 f,
                 "decision: recorded {} (\"{}\"), replayed {} (\"{}\")",
@@ -1481,6 +1675,42 @@ fn replay_one(r: &ExitRecord, fns: ReplayFns) -> Vec<Difference> {
             &r.policy.to_policy(),
         )),
         ExitSource::EntryFailure => r.decision.clone(),
+        ExitSource::EptViolation => match &r.ept {
+            Some(e) => {
+                let result = (fns.decide_ept_violation)(
+                    &r.vmcs12_before,
+                    &mem,
+                    e.gpa,
+                    e.access.into(),
+                    e.gla,
+                    e.context(),
+                    e.config(),
+                );
+                let exit_now = match &result {
+                    EptExitDecision::Reflect { exit, .. } => Some(*exit),
+                    EptExitDecision::L0StaleMapping { .. } => {
+                        Some(stale_mapping_exit(e.access.into(), e.gpa))
+                    }
+                    EptExitDecision::NoL1Ept(d) => {
+                        out.push(Difference::NoEpt {
+                            explanation: d.explanation.clone(),
+                        });
+                        None
+                    }
+                };
+                if let Some(x) = exit_now {
+                    if x.to_info() != r.info {
+                        out.push(Difference::ExitInfo {
+                            recorded: Box::new(r.info),
+                            replayed: Box::new(x.to_info()),
+                        });
+                    }
+                }
+                RecordedDecision::from(result.decision())
+            }
+            // check_record refuses this combination.
+            None => r.decision.clone(),
+        },
     };
     for (gpa, len, write) in mem.unrecorded() {
         out.push(Difference::UnrecordedMemory {
@@ -2071,6 +2301,170 @@ mod tests {
         );
     }
 
+    /// L1's EPT: PML4 0x5000 -> PDPT 0x6000 -> PD 0x7000 whose entry 1
+    /// maps L2-physical [2 MiB, 4 MiB) to 0x400000 RWX; the rest is absent.
+    fn ept_setup() -> (Vmcs12, FlatMemory) {
+        let (mut v, mut mem) = setup();
+        let proc = P::USE_IO_BITMAPS | P::USE_MSR_BITMAPS | P::HLT_EXITING | P::ACTIVATE_SECONDARY;
+        v.set(VmcsField::CPU_BASED_VM_EXEC_CONTROL, u64::from(proc.bits()));
+        v.set(
+            VmcsField::SECONDARY_VM_EXEC_CONTROL,
+            u64::from(vmcs12::controls::SecondaryProcBased::ENABLE_EPT.bits()),
+        );
+        // EPTP: WB (6), page-walk length 4 (3 in bits 5:3), SDM 25.6.11.
+        v.set(VmcsField::EPT_POINTER, 0x5000 | (3 << 3) | 6);
+        mem.write_u64(0x5000, 0x6000 | 7).unwrap();
+        mem.write_u64(0x6000, 0x7000 | 7).unwrap();
+        // 2 MiB leaf: RWX, memory type WB in bits 5:3, bit 7 = page size.
+        mem.write_u64(0x7008, 0x40_0000 | (1 << 7) | (6 << 3) | 7)
+            .unwrap();
+        (v, mem)
+    }
+
+    fn ept_record(fns: Option<ReplayFns>) -> (Recording, ReplayReport) {
+        let (mut vmcs, mut mem) = ept_setup();
+        let mut rec = Recorder::new(RecordingMeta::default());
+        let ctx = ViolationContext::default();
+        let config = EptConfig::default();
+        let l2 = l2_state(0x1000);
+        // Mapped by L1: L0's mapping was stale, L0 handles it.
+        let stale = rec.decide_ept_violation(
+            &vmcs,
+            &l2,
+            &mut mem,
+            0x20_1000,
+            AccessKind::Read,
+            0,
+            ctx,
+            config,
+        );
+        assert!(
+            matches!(
+                stale,
+                EptExitDecision::L0StaleMapping { hpa: 0x40_1000, .. }
+            ),
+            "{stale:?}"
+        );
+        rec.finish_exit(&vmcs);
+        // Not mapped: exit 48 reflected, through prepare_vmcs12.
+        let refl = rec.decide_ept_violation(
+            &vmcs,
+            &l2,
+            &mut mem,
+            0x60_0000,
+            AccessKind::Write,
+            0,
+            ctx,
+            config,
+        );
+        let EptExitDecision::Reflect { exit, .. } = refl else {
+            panic!("{refl:?}");
+        };
+        assert_eq!(exit.basic_reason(), 48);
+        rec.prepare_vmcs12(&mut vmcs, &l2, &exit.to_info(), 0, &l2, &mut mem)
+            .unwrap();
+        rec.finish_exit(&vmcs);
+        assert_eq!(vmcs.get(VmcsField::GUEST_PHYSICAL_ADDRESS), 0x60_0000);
+        // EPT off: not an exit of L1's EPT, not recorded.
+        let mut off = vmcs.clone();
+        off.set(VmcsField::SECONDARY_VM_EXEC_CONTROL, 0);
+        let none = rec.decide_ept_violation(
+            &off,
+            &l2,
+            &mut mem,
+            0x60_0000,
+            AccessKind::Read,
+            0,
+            ctx,
+            config,
+        );
+        assert!(matches!(none, EptExitDecision::NoL1Ept(_)));
+        let r = round_trip(&rec.into_recording());
+        let report = replay_with(&r, fns.unwrap_or_default());
+        (r, report)
+    }
+
+    #[test]
+    fn test_ept_violations_record_and_replay_clean() {
+        let (r, report) = ept_record(None);
+        assert_eq!(r.records.len(), 2);
+        assert!(r
+            .records
+            .iter()
+            .all(|x| x.source == ExitSource::EptViolation));
+        assert_eq!(
+            r.records[0].decision.disposition,
+            RecordedDisposition::HandleInL0
+        );
+        assert_eq!(
+            r.records[1].decision.disposition,
+            RecordedDisposition::ReflectToL1
+        );
+        assert_eq!(
+            r.records[1].ept.map(|e| e.access),
+            Some(RecordedAccess::Write)
+        );
+        // The walk's reads were recorded: the PML4, PDPT and PD entries.
+        assert!(r.records[1].decide_memory.accesses.len() >= 3);
+        assert!(report.is_clean(), "{report}");
+    }
+
+    fn ept_always_stale(
+        v: &Vmcs12,
+        mem: &dyn GuestPhysMemory,
+        gpa: u64,
+        access: AccessKind,
+        gla: u64,
+        ctx: ViolationContext,
+        config: EptConfig,
+    ) -> EptExitDecision {
+        let d = crate::decide::decide_ept_violation(v, mem, gpa, access, gla, ctx, config);
+        EptExitDecision::L0StaleMapping {
+            hpa: gpa,
+            size: crate::walk::PageSize::Size4K,
+            perms: crate::ept::EptPerms::all(),
+            decision: Decision {
+                disposition: Disposition::HandleInL0,
+                ..d.decision().clone()
+            },
+        }
+    }
+
+    #[test]
+    fn test_altered_ept_rule_fails_replay_naming_fields() {
+        let fns = ReplayFns {
+            decide_ept_violation: ept_always_stale,
+            ..ReplayFns::default()
+        };
+        let (_, report) = ept_record(Some(fns));
+        assert!(!report.is_clean());
+        let text = report.to_string();
+        assert!(
+            text.contains("exit #1 EPT violation (recorded: reflected to L1)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("GUEST_PHYSICAL_ADDRESS (0x2400): recorded 0x600000"),
+            "{text}"
+        );
+        assert!(
+            text.contains("VM_EXIT_REASON (0x4402): recorded 0x30, replayed 0x0"),
+            "{text}"
+        );
+        assert_eq!(report.diffs.len(), 1, "{text}");
+    }
+
+    #[test]
+    fn test_ept_record_without_its_inputs_is_rejected() {
+        let (mut r, _) = ept_record(None);
+        r.records[1].ept = None;
+        let e = Recording::decode(&r.encode().unwrap()).unwrap_err();
+        assert!(matches!(e, RecordError::Inconsistent { .. }), "{e}");
+        let (mut r, _) = ept_record(None);
+        r.records[1].source = ExitSource::L2Exit;
+        assert!(Recording::decode(&r.encode().unwrap()).is_err());
+    }
+
     #[test]
     fn test_wrong_magic_version_and_reserved_are_rejected() {
         let bytes = sample().encode().unwrap();
@@ -2081,10 +2475,10 @@ mod tests {
             Err(RecordError::BadMagic { .. })
         ));
         let mut b = bytes.clone();
-        b[8] = 2;
+        b[8] = 1;
         let e = Recording::decode(&b).unwrap_err();
-        assert_eq!(e, RecordError::UnsupportedVersion { found: 2 });
-        assert_eq!(e.to_string(), "recording format version 2 is not supported (this build reads version 1): record the run again with this build");
+        assert_eq!(e, RecordError::UnsupportedVersion { found: 1 });
+        assert_eq!(e.to_string(), "recording format version 1 is not supported (this build reads version 2): record the run again with this build");
         let mut b = bytes.clone();
         b[10] = 1;
         assert_eq!(
@@ -2163,6 +2557,7 @@ mod tests {
             &rec.decision,
             &rec.decide_memory,
             &rec.prepare,
+            &rec.ept,
             &rec.vmcs12_after,
         );
         let mut bytes = good[..RECORDING_HEADER_LEN].to_vec();

@@ -96,7 +96,7 @@ fn read_u64(addr: u64) -> u64 {
 }
 
 /// Runs `f` on L1's EPT (L2 is not running; single CPU).
-fn with_ept<R>(f: impl FnOnce(&mut EptTables<EPT_PTS>) -> R) -> R {
+pub(crate) fn with_ept<R>(f: impl FnOnce(&mut EptTables<EPT_PTS>) -> R) -> R {
     // SAFETY: only L1 code between VM exits touches the tables, and no
     // other reference to them is live.
     f(unsafe { &mut *EPT.ptr() })

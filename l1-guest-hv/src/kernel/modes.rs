@@ -316,6 +316,7 @@ pub fn run(mode: TestMode) -> u32 {
         TestMode::Realmode => crate::realmode::realmode(&caps, &mut checks),
         TestMode::RealmodeNoUg => crate::realmode::realmode_no_ug(&caps, &mut checks),
         TestMode::Inject => crate::inject::inject(&caps, &mut checks),
+        TestMode::Scenario => crate::scenario_mode::scenario(&caps, &mut checks),
     }
     checks.finish(mode.name())
 }
