@@ -47,9 +47,11 @@ pub struct Cli {
 pub enum Command {
     /// Boot the built-in L1 hypervisor (Multiboot, command line `test=demo`).
     Demo {
-        /// L1 test mode: the command line becomes `test=NAME`.
-        #[arg(long, default_value = "demo")]
-        test: String,
+        /// L1 test mode: the command line becomes `test=NAME`. Without it
+        /// the demo runs `test=demo` (I/O reflection) and then `test=ept`
+        /// (L2 on an EPT with holes that L1 fills on demand).
+        #[arg(long)]
+        test: Option<String>,
         /// End the run after SECS seconds.
         #[arg(long, default_value_t = DEFAULT_DEMO_TIMEOUT)]
         timeout: u64,
@@ -170,6 +172,9 @@ pub enum VmmError {
     /// --mem out of range.
     #[error("--mem {0} MiB is out of range: use 2 to 4096 (an even number)")]
     BadMem(u64),
+    /// `demo` was asked to run no L1 test mode.
+    #[error("the demo has no part to run: pass --test NAME (see docs/l1-guest.md)")]
+    NoDemoPart,
 }
 
 /// What to boot and how. Build it with `..Default::default()`: fields
@@ -396,18 +401,13 @@ where
             timeout,
             machine,
             trace,
-        } => run_kernel(
-            l1_image::L1_GUEST_ELF,
-            &BootOptions {
-                trace,
-                ..machine.boot_options(
-                    format!("test={test}"),
-                    Some(Duration::from_secs(timeout)),
-                    ExitConvention::Demo,
-                )
-            },
-            sink,
-        ),
+        } => {
+            let parts: Vec<String> = match test {
+                Some(t) => vec![t],
+                None => DEMO_PARTS.iter().map(|p| p.to_string()).collect(),
+            };
+            run_demo_parts(&parts, timeout, machine, trace, sink)
+        }
         Command::Run {
             kernel,
             cmdline,
@@ -448,6 +448,77 @@ where
             EXIT_ERROR
         }
     }
+}
+
+/// The L1 test modes `l0-vmm demo` runs when no `--test` is given: I/O
+/// reflection first, then nested EPT with pages L1 maps on demand.
+pub const DEMO_PARTS: [&str; 2] = ["demo", "ept"];
+
+/// One output sink shared by the runs of a multi-part `demo`.
+#[derive(Clone)]
+struct SharedSink(std::sync::Arc<std::sync::Mutex<Box<dyn OutputSink>>>);
+
+impl OutputSink for SharedSink {
+    fn write_line(&mut self, line: &str) {
+        if let Ok(mut sink) = self.0.lock() {
+            sink.write_line(line);
+        }
+    }
+}
+
+/// Runs the built-in L1 once per mode in `parts`, stopping at the first
+/// part that fails; the report of the last run decides the exit code.
+/// With several parts, the trace files (`--trace-json`, `--record`,
+/// `--timeline`, `--dump-vmcs`) are written for the first part only, so
+/// one run never overwrites another's file.
+fn run_demo_parts(
+    parts: &[String],
+    timeout: u64,
+    machine: MachineArgs,
+    trace: TraceArgs,
+    sink: Box<dyn OutputSink>,
+) -> Result<RunReport, VmmError> {
+    let shared = SharedSink(std::sync::Arc::new(std::sync::Mutex::new(sink)));
+    let mut last = None;
+    for (i, part) in parts.iter().enumerate() {
+        let trace = if i == 0 {
+            trace.clone()
+        } else {
+            TraceArgs {
+                trace: trace.trace,
+                ..TraceArgs::default()
+            }
+        };
+        if parts.len() > 1 {
+            let mut out = shared.clone();
+            out.write_line(&format!(
+                "[L0] ==== demo part {}/{}: built-in L1 with test={part} ====",
+                i + 1,
+                parts.len()
+            ));
+            if i > 0 && trace != TraceArgs::default() {
+                out.write_line("[L0] (trace files were written for part 1; use --test NAME to trace another part)");
+            }
+        }
+        let report = run_kernel(
+            l1_image::L1_GUEST_ELF,
+            &BootOptions {
+                trace,
+                ..machine.boot_options(
+                    format!("test={part}"),
+                    Some(Duration::from_secs(timeout)),
+                    ExitConvention::Demo,
+                )
+            },
+            Box::new(shared.clone()),
+        )?;
+        let failed = report.exit_code != 0;
+        last = Some(report);
+        if failed {
+            break;
+        }
+    }
+    last.ok_or(VmmError::NoDemoPart)
 }
 
 /// The binary's entry: `std::env::args`, stdout.
@@ -741,6 +812,30 @@ mod tests {
         // An unknown test mode: L1 writes EXIT_STATUS_FAIL (1) -> 3.
         let (code, lines) = demo(&["--test", "no-such-test"]);
         assert_eq!(code, 3, "{lines:#?}");
+    }
+
+    #[test]
+    fn test_demo_without_test_runs_io_reflection_then_ept_parts() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let (code, lines) = demo(&[]);
+        assert_eq!(code, 0, "{lines:#?}");
+        let pos = |needle: &str| {
+            lines
+                .iter()
+                .position(|l| l == needle)
+                .unwrap_or_else(|| panic!("no line {needle:?} in {lines:#?}"))
+        };
+        let p1 = pos("[L0] ==== demo part 1/2: built-in L1 with test=demo ====");
+        let r1 = pos("[L1] result test=demo: 6 passed, 0 failed");
+        let p2 = pos("[L0] ==== demo part 2/2: built-in L1 with test=ept ====");
+        let r2 = pos("[L1] result test=ept: 48 passed, 0 failed");
+        assert!(p1 < r1 && r1 < p2 && p2 < r2, "{lines:#?}");
+        // A single part when --test is given.
+        let (code, lines) = demo(&["--test", "demo"]);
+        assert_eq!(code, 0, "{lines:#?}");
+        assert!(!lines.iter().any(|l| l.contains("==== demo part")));
     }
 
     /// `--vmx-trap ud`: every VMX instruction's emulation failure becomes a
