@@ -47,6 +47,7 @@ use std::path::Path;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use vmcs12::snapshot::fnv1a64;
 use vmcs12::{GuestPhysMemory, OutOfRange, Vmcs12, VmcsField};
 
 use crate::decide::EptExitDecision;
@@ -593,15 +594,6 @@ pub enum RecordError {
 // ---------------------------------------------------------------------------
 // Encoding and decoding
 // ---------------------------------------------------------------------------
-
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
 
 fn config() -> bincode::config::Configuration<
     bincode::config::LittleEndian,

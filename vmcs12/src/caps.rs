@@ -17,69 +17,7 @@ use crate::field::VmcsField;
 pub const VMCS_REVISION_ID: u32 = 0x0000_1312;
 
 /// MSR indices (SDM Vol. 4, Table 2-2; Vol. 3 Appendix A).
-pub mod msr {
-    /// IA32_FEATURE_CONTROL.
-    pub const IA32_FEATURE_CONTROL: u32 = 0x3a;
-    /// IA32_VMX_BASIC (A.1).
-    pub const IA32_VMX_BASIC: u32 = 0x480;
-    /// IA32_VMX_PINBASED_CTLS (A.3.1).
-    pub const IA32_VMX_PINBASED_CTLS: u32 = 0x481;
-    /// IA32_VMX_PROCBASED_CTLS (A.3.2).
-    pub const IA32_VMX_PROCBASED_CTLS: u32 = 0x482;
-    /// IA32_VMX_EXIT_CTLS (A.4.1).
-    pub const IA32_VMX_EXIT_CTLS: u32 = 0x483;
-    /// IA32_VMX_ENTRY_CTLS (A.5).
-    pub const IA32_VMX_ENTRY_CTLS: u32 = 0x484;
-    /// IA32_VMX_MISC (A.6).
-    pub const IA32_VMX_MISC: u32 = 0x485;
-    /// IA32_VMX_CR0_FIXED0 (A.7).
-    pub const IA32_VMX_CR0_FIXED0: u32 = 0x486;
-    /// IA32_VMX_CR0_FIXED1 (A.7).
-    pub const IA32_VMX_CR0_FIXED1: u32 = 0x487;
-    /// IA32_VMX_CR4_FIXED0 (A.8).
-    pub const IA32_VMX_CR4_FIXED0: u32 = 0x488;
-    /// IA32_VMX_CR4_FIXED1 (A.8).
-    pub const IA32_VMX_CR4_FIXED1: u32 = 0x489;
-    /// IA32_VMX_VMCS_ENUM (A.9).
-    pub const IA32_VMX_VMCS_ENUM: u32 = 0x48a;
-    /// IA32_VMX_PROCBASED_CTLS2 (A.3.3).
-    pub const IA32_VMX_PROCBASED_CTLS2: u32 = 0x48b;
-    /// IA32_VMX_EPT_VPID_CAP (A.10).
-    pub const IA32_VMX_EPT_VPID_CAP: u32 = 0x48c;
-    /// IA32_VMX_TRUE_PINBASED_CTLS (A.3.1).
-    pub const IA32_VMX_TRUE_PINBASED_CTLS: u32 = 0x48d;
-    /// IA32_VMX_TRUE_PROCBASED_CTLS (A.3.2).
-    pub const IA32_VMX_TRUE_PROCBASED_CTLS: u32 = 0x48e;
-    /// IA32_VMX_TRUE_EXIT_CTLS (A.4.1).
-    pub const IA32_VMX_TRUE_EXIT_CTLS: u32 = 0x48f;
-    /// IA32_VMX_TRUE_ENTRY_CTLS (A.5).
-    pub const IA32_VMX_TRUE_ENTRY_CTLS: u32 = 0x490;
-    /// IA32_VMX_VMFUNC (A.11).
-    pub const IA32_VMX_VMFUNC: u32 = 0x491;
-
-    /// Every MSR index [`super::VmxCapabilities::read_msr`] answers.
-    pub const ALL: [u32; 19] = [
-        IA32_FEATURE_CONTROL,
-        IA32_VMX_BASIC,
-        IA32_VMX_PINBASED_CTLS,
-        IA32_VMX_PROCBASED_CTLS,
-        IA32_VMX_EXIT_CTLS,
-        IA32_VMX_ENTRY_CTLS,
-        IA32_VMX_MISC,
-        IA32_VMX_CR0_FIXED0,
-        IA32_VMX_CR0_FIXED1,
-        IA32_VMX_CR4_FIXED0,
-        IA32_VMX_CR4_FIXED1,
-        IA32_VMX_VMCS_ENUM,
-        IA32_VMX_PROCBASED_CTLS2,
-        IA32_VMX_EPT_VPID_CAP,
-        IA32_VMX_TRUE_PINBASED_CTLS,
-        IA32_VMX_TRUE_PROCBASED_CTLS,
-        IA32_VMX_TRUE_EXIT_CTLS,
-        IA32_VMX_TRUE_ENTRY_CTLS,
-        IA32_VMX_VMFUNC,
-    ];
-}
+pub use crate::msr;
 
 /// Default1 classes (SDM A.2): control bits reserved as 1. Without the
 /// TRUE MSRs every one of them must be 1.

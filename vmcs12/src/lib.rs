@@ -10,6 +10,7 @@
 
 pub mod controls;
 pub mod field;
+pub mod msr;
 pub mod outcome;
 
 #[cfg(feature = "std")]

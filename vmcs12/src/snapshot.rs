@@ -116,7 +116,8 @@ pub enum SnapshotError {
     Inconsistent(String),
 }
 
-fn fnv1a64(bytes: &[u8]) -> u64 {
+/// FNV-1a 64-bit hash: the checksum in snapshot and recording frames.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
         h ^= u64::from(b);

@@ -198,6 +198,56 @@ fn w(field: VmcsField, value: u64) -> Result<(), SetupError> {
     }
 }
 
+/// VMWRITE for setup code that keeps going after a failure: prints the
+/// field and outcome on the console and returns whether it succeeded.
+pub fn write_or_say(field: VmcsField, value: u64) -> bool {
+    match vmx::vmwrite(field, value) {
+        VmxOutcome::Succeed => true,
+        o => {
+            say!("VMX error: vmwrite ", field.name(), " ", ShowOutcome(o));
+            false
+        }
+    }
+}
+
+/// The guest data-segment registers SS, DS, ES, FS and GS, each as its
+/// selector, base, limit and access-rights fields (SDM 25.4.1).
+pub const GUEST_DATA_SEGMENTS: [[VmcsField; 4]; 5] = {
+    use VmcsField::*;
+    [
+        [
+            GUEST_SS_SELECTOR,
+            GUEST_SS_BASE,
+            GUEST_SS_LIMIT,
+            GUEST_SS_AR_BYTES,
+        ],
+        [
+            GUEST_DS_SELECTOR,
+            GUEST_DS_BASE,
+            GUEST_DS_LIMIT,
+            GUEST_DS_AR_BYTES,
+        ],
+        [
+            GUEST_ES_SELECTOR,
+            GUEST_ES_BASE,
+            GUEST_ES_LIMIT,
+            GUEST_ES_AR_BYTES,
+        ],
+        [
+            GUEST_FS_SELECTOR,
+            GUEST_FS_BASE,
+            GUEST_FS_LIMIT,
+            GUEST_FS_AR_BYTES,
+        ],
+        [
+            GUEST_GS_SELECTOR,
+            GUEST_GS_BASE,
+            GUEST_GS_LIMIT,
+            GUEST_GS_AR_BYTES,
+        ],
+    ]
+};
+
 fn adjusted(name: &str, wanted: u32, cap: u64) -> u32 {
     let a = adjust_control(wanted, cap);
     if a.missing != 0 {
@@ -340,38 +390,7 @@ pub fn setup_vmcs(caps: &Caps, spec: &GuestSpec<'_>) -> Result<(), SetupError> {
     w(GUEST_CS_BASE, 0)?;
     w(GUEST_CS_LIMIT, 0xffff_ffff)?;
     w(GUEST_CS_AR_BYTES, code_ar.into())?;
-    for (sel, base, limit, ar) in [
-        (
-            GUEST_SS_SELECTOR,
-            GUEST_SS_BASE,
-            GUEST_SS_LIMIT,
-            GUEST_SS_AR_BYTES,
-        ),
-        (
-            GUEST_DS_SELECTOR,
-            GUEST_DS_BASE,
-            GUEST_DS_LIMIT,
-            GUEST_DS_AR_BYTES,
-        ),
-        (
-            GUEST_ES_SELECTOR,
-            GUEST_ES_BASE,
-            GUEST_ES_LIMIT,
-            GUEST_ES_AR_BYTES,
-        ),
-        (
-            GUEST_FS_SELECTOR,
-            GUEST_FS_BASE,
-            GUEST_FS_LIMIT,
-            GUEST_FS_AR_BYTES,
-        ),
-        (
-            GUEST_GS_SELECTOR,
-            GUEST_GS_BASE,
-            GUEST_GS_LIMIT,
-            GUEST_GS_AR_BYTES,
-        ),
-    ] {
+    for [sel, base, limit, ar] in GUEST_DATA_SEGMENTS {
         w(sel, KERNEL_DS.into())?;
         w(base, 0)?;
         w(limit, 0xffff_ffff)?;

@@ -12,14 +12,14 @@ use core::arch::global_asm;
 
 use l1_guest_hv::abi;
 use l1_guest_hv::caps::apply_fixed;
-use l1_guest_hv::exit::{reason, ShowOutcome, ShowResult, EXIT_REASON_ENTRY_FAILURE};
+use l1_guest_hv::exit::{reason, ShowResult, EXIT_REASON_ENTRY_FAILURE};
 use l1_guest_hv::segment::AR_UNUSABLE;
 use l1_guest_hv::text::{Hex, Sink, TextBuf};
 use vmcs12::controls::{EntryControls, SecondaryProcBased};
-use vmcs12::{VmcsField, VmxOutcome};
+use vmcs12::VmcsField;
 
 use crate::ept_mode::build_identity_ept;
-use crate::hv::{self, Action, Caps, GuestSpec};
+use crate::hv::{self, write_or_say as wr, Action, Caps, GuestSpec};
 use crate::modes::{load_vmcs, report_run_named, Checks, Handler};
 use crate::vmx::{self, GuestRegs};
 
@@ -91,16 +91,6 @@ enum Start {
     PeSet,
 }
 
-fn wr(field: VmcsField, value: u64) -> bool {
-    match vmx::vmwrite(field, value) {
-        VmxOutcome::Succeed => true,
-        o => {
-            say!("VMX error: vmwrite ", field.name(), " ", ShowOutcome(o));
-            false
-        }
-    }
-}
-
 /// Rewrites the guest state of the current VMCS for `start` (SDM 27.3.1
 /// with unrestricted guest: real-mode segments have base = selector << 4,
 /// limit 0xffff, accessed data/code types and DPL 0).
@@ -149,38 +139,7 @@ fn real_mode_state(caps: &Caps, start: Start) -> bool {
     ] {
         ok &= wr(field, value);
     }
-    for (s, b, l, a) in [
-        (
-            GUEST_SS_SELECTOR,
-            GUEST_SS_BASE,
-            GUEST_SS_LIMIT,
-            GUEST_SS_AR_BYTES,
-        ),
-        (
-            GUEST_DS_SELECTOR,
-            GUEST_DS_BASE,
-            GUEST_DS_LIMIT,
-            GUEST_DS_AR_BYTES,
-        ),
-        (
-            GUEST_ES_SELECTOR,
-            GUEST_ES_BASE,
-            GUEST_ES_LIMIT,
-            GUEST_ES_AR_BYTES,
-        ),
-        (
-            GUEST_FS_SELECTOR,
-            GUEST_FS_BASE,
-            GUEST_FS_LIMIT,
-            GUEST_FS_AR_BYTES,
-        ),
-        (
-            GUEST_GS_SELECTOR,
-            GUEST_GS_BASE,
-            GUEST_GS_LIMIT,
-            GUEST_GS_AR_BYTES,
-        ),
-    ] {
+    for [s, b, l, a] in hv::GUEST_DATA_SEGMENTS {
         ok &= wr(s, sel) && wr(b, L2RM_BASE) && wr(l, 0xffff) && wr(a, 0x93);
     }
     if entry & u64::from(EntryControls::LOAD_EFER.bits()) != 0 {

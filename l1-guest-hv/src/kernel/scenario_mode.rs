@@ -16,7 +16,7 @@ use vmcs12::controls::{EntryControls, PrimaryProcBased, SecondaryProcBased};
 use vmcs12::{VmcsField, VmxFault, VmxOutcome};
 
 use crate::cpu::Page;
-use crate::hv::{Caps, GuestSpec, IO_PAGE_A, IO_PAGE_B, MSR_PAGE};
+use crate::hv::{self, write_or_say as wr, Caps, GuestSpec, IO_PAGE_A, IO_PAGE_B, MSR_PAGE};
 use crate::modes::{load_vmcs, Checks};
 use crate::vmx::{self, GuestRegs};
 
@@ -49,16 +49,6 @@ fn outcome_code(o: VmxOutcome) -> u32 {
                     VmxFault::StackFault => 12,
                     _ => 14,
                 }
-        }
-    }
-}
-
-fn wr(field: VmcsField, value: u64) -> bool {
-    match vmx::vmwrite(field, value) {
-        VmxOutcome::Succeed => true,
-        o => {
-            say!("VMX error: vmwrite ", field.name(), " ", ShowOutcome(o));
-            false
         }
     }
 }
@@ -201,38 +191,7 @@ fn legacy_state(caps: &Caps, h: &Header) -> bool {
     ] {
         ok &= wr(field, value);
     }
-    for (s, b, l, a) in [
-        (
-            GUEST_SS_SELECTOR,
-            GUEST_SS_BASE,
-            GUEST_SS_LIMIT,
-            GUEST_SS_AR_BYTES,
-        ),
-        (
-            GUEST_DS_SELECTOR,
-            GUEST_DS_BASE,
-            GUEST_DS_LIMIT,
-            GUEST_DS_AR_BYTES,
-        ),
-        (
-            GUEST_ES_SELECTOR,
-            GUEST_ES_BASE,
-            GUEST_ES_LIMIT,
-            GUEST_ES_AR_BYTES,
-        ),
-        (
-            GUEST_FS_SELECTOR,
-            GUEST_FS_BASE,
-            GUEST_FS_LIMIT,
-            GUEST_FS_AR_BYTES,
-        ),
-        (
-            GUEST_GS_SELECTOR,
-            GUEST_GS_BASE,
-            GUEST_GS_LIMIT,
-            GUEST_GS_AR_BYTES,
-        ),
-    ] {
+    for [s, b, l, a] in hv::GUEST_DATA_SEGMENTS {
         ok &= wr(s, ds_sel) && wr(b, base) && wr(l, limit) && wr(a, ds_ar);
     }
     ok

@@ -160,6 +160,31 @@ pub fn set_guest_reg(index: usize, value: u64) {
     }
 }
 
+/// Runs one VMX instruction (`$insn`, an `asm!` template line with
+/// `$operands`) under L1's exception table: a fault on it resumes right
+/// after it (label 3) and is reported through `take_fault`. Evaluates to
+/// the (CF, ZF) flags it left, for [`outcome`]. Use inside `unsafe`.
+macro_rules! vmx_insn {
+    ($insn:expr, [$($operands:tt)*], $($option:ident),*) => {{
+        let (cf, zf): (u8, u8);
+        asm!(
+            "2:",
+            $insn,
+            "3:",
+            "setc {cf}",
+            "setz {zf}",
+            ".pushsection .l1_extable, \"a\"",
+            ".quad 2b, 3b",
+            ".popsection",
+            $($operands)*
+            cf = out(reg_byte) cf,
+            zf = out(reg_byte) zf,
+            options($($option),*)
+        );
+        (cf, zf)
+    }};
+}
+
 fn fault_outcome(f: Fault) -> VmxOutcome {
     VmxOutcome::Fault(match f.vector {
         6 => VmxFault::InvalidOpcode,
@@ -175,25 +200,10 @@ fn fault_outcome(f: Fault) -> VmxOutcome {
 /// VMREAD without fault or error decoding (for VM_INSTRUCTION_ERROR).
 fn vmread_raw(encoding: u64) -> Option<u64> {
     let value: u64;
-    let (cf, zf): (u8, u8);
     // SAFETY: VMREAD of a register operand has no memory effects; a fault
     // resumes at label 3 and is reported through `take_fault`.
-    unsafe {
-        asm!(
-            "2:",
-            "vmread {v}, {e}",
-            "3:",
-            "setc {cf}",
-            "setz {zf}",
-            ".pushsection .l1_extable, \"a\"",
-            ".quad 2b, 3b",
-            ".popsection",
-            v = out(reg) value,
-            e = in(reg) encoding,
-            cf = out(reg_byte) cf,
-            zf = out(reg_byte) zf,
-            options(nomem, nostack)
-        )
+    let (cf, zf) = unsafe {
+        vmx_insn!("vmread {v}, {e}", [v = out(reg) value, e = in(reg) encoding,], nomem, nostack)
     };
     (cf == 0 && zf == 0).then_some(value)
 }
@@ -220,25 +230,11 @@ macro_rules! vmx_mem_op {
         #[doc = $doc]
         pub fn $name(pa: u64) -> VmxOutcome {
             let operand = pa;
-            let (cf, zf): (u8, u8);
             clear_fault();
             // SAFETY: the instruction reads the 8-byte operand; its effect on
             // the VMX state is what L1 asks for; a fault resumes at label 3.
-            unsafe {
-                asm!(
-                    "2:",
-                    concat!($insn, " qword ptr [{p}]"),
-                    "3:",
-                    "setc {cf}",
-                    "setz {zf}",
-                    ".pushsection .l1_extable, \"a\"",
-                    ".quad 2b, 3b",
-                    ".popsection",
-                    p = in(reg) &operand,
-                    cf = out(reg_byte) cf,
-                    zf = out(reg_byte) zf,
-                    options(nostack)
-                )
+            let (cf, zf) = unsafe {
+                vmx_insn!(concat!($insn, " qword ptr [{p}]"), [p = in(reg) &operand,], nostack)
             };
             outcome(cf, zf)
         }
@@ -252,25 +248,10 @@ vmx_mem_op!(vmptrld, "vmptrld", "VMPTRLD of the VMCS at `pa`.");
 /// VMPTRST: the current-VMCS pointer.
 pub fn vmptrst() -> Result<u64, VmxOutcome> {
     let mut value: u64 = 0;
-    let (cf, zf): (u8, u8);
     clear_fault();
     // SAFETY: VMPTRST writes 8 bytes into `value`; a fault resumes at 3.
-    unsafe {
-        asm!(
-            "2:",
-            "vmptrst qword ptr [{p}]",
-            "3:",
-            "setc {cf}",
-            "setz {zf}",
-            ".pushsection .l1_extable, \"a\"",
-            ".quad 2b, 3b",
-            ".popsection",
-            p = in(reg) &mut value,
-            cf = out(reg_byte) cf,
-            zf = out(reg_byte) zf,
-            options(nostack)
-        )
-    };
+    let (cf, zf) =
+        unsafe { vmx_insn!("vmptrst qword ptr [{p}]", [p = in(reg) &mut value,], nostack) };
     match outcome(cf, zf) {
         VmxOutcome::Succeed => Ok(value),
         other => Err(other),
@@ -280,25 +261,10 @@ pub fn vmptrst() -> Result<u64, VmxOutcome> {
 /// VMREAD of a raw encoding.
 pub fn vmread_encoding(encoding: u64) -> Result<u64, VmxOutcome> {
     let value: u64;
-    let (cf, zf): (u8, u8);
     clear_fault();
     // SAFETY: register-operand VMREAD; a fault resumes at label 3.
-    unsafe {
-        asm!(
-            "2:",
-            "vmread {v}, {e}",
-            "3:",
-            "setc {cf}",
-            "setz {zf}",
-            ".pushsection .l1_extable, \"a\"",
-            ".quad 2b, 3b",
-            ".popsection",
-            v = inout(reg) 0u64 => value,
-            e = in(reg) encoding,
-            cf = out(reg_byte) cf,
-            zf = out(reg_byte) zf,
-            options(nomem, nostack)
-        )
+    let (cf, zf) = unsafe {
+        vmx_insn!("vmread {v}, {e}", [v = inout(reg) 0u64 => value, e = in(reg) encoding,], nomem, nostack)
     };
     match outcome(cf, zf) {
         VmxOutcome::Succeed => Ok(value),
@@ -313,26 +279,11 @@ pub fn vmread(field: VmcsField) -> Result<u64, VmxOutcome> {
 
 /// VMWRITE of a raw encoding.
 pub fn vmwrite_encoding(encoding: u64, value: u64) -> VmxOutcome {
-    let (cf, zf): (u8, u8);
     clear_fault();
     // SAFETY: register-operand VMWRITE; it changes only VMCS state. A
     // fault resumes at label 3.
-    unsafe {
-        asm!(
-            "2:",
-            "vmwrite {e}, {v}",
-            "3:",
-            "setc {cf}",
-            "setz {zf}",
-            ".pushsection .l1_extable, \"a\"",
-            ".quad 2b, 3b",
-            ".popsection",
-            v = in(reg) value,
-            e = in(reg) encoding,
-            cf = out(reg_byte) cf,
-            zf = out(reg_byte) zf,
-            options(nomem, nostack)
-        )
+    let (cf, zf) = unsafe {
+        vmx_insn!("vmwrite {e}, {v}", [v = in(reg) value, e = in(reg) encoding,], nomem, nostack)
     };
     outcome(cf, zf)
 }
@@ -344,24 +295,9 @@ pub fn vmwrite(field: VmcsField, value: u64) -> VmxOutcome {
 
 /// VMXOFF.
 pub fn vmxoff() -> VmxOutcome {
-    let (cf, zf): (u8, u8);
     clear_fault();
     // SAFETY: leaves VMX operation; a fault resumes at label 3.
-    unsafe {
-        asm!(
-            "2:",
-            "vmxoff",
-            "3:",
-            "setc {cf}",
-            "setz {zf}",
-            ".pushsection .l1_extable, \"a\"",
-            ".quad 2b, 3b",
-            ".popsection",
-            cf = out(reg_byte) cf,
-            zf = out(reg_byte) zf,
-            options(nomem, nostack)
-        )
-    };
+    let (cf, zf) = unsafe { vmx_insn!("vmxoff", [], nomem, nostack) };
     outcome(cf, zf)
 }
 
@@ -369,26 +305,11 @@ macro_rules! vmx_inv_op {
     ($name:ident, $insn:literal, $doc:literal) => {
         #[doc = $doc]
         pub fn $name(kind: u64, descriptor: [u64; 2]) -> VmxOutcome {
-            let (cf, zf): (u8, u8);
             clear_fault();
             // SAFETY: the instruction reads the 16-byte descriptor and only
             // invalidates cached translations; a fault resumes at label 3.
-            unsafe {
-                asm!(
-                    "2:",
-                    concat!($insn, " {t}, xmmword ptr [{d}]"),
-                    "3:",
-                    "setc {cf}",
-                    "setz {zf}",
-                    ".pushsection .l1_extable, \"a\"",
-                    ".quad 2b, 3b",
-                    ".popsection",
-                    t = in(reg) kind,
-                    d = in(reg) &descriptor,
-                    cf = out(reg_byte) cf,
-                    zf = out(reg_byte) zf,
-                    options(nostack)
-                )
+            let (cf, zf) = unsafe {
+                vmx_insn!(concat!($insn, " {t}, xmmword ptr [{d}]"), [t = in(reg) kind, d = in(reg) &descriptor,], nostack)
             };
             outcome(cf, zf)
         }
