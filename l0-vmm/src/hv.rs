@@ -83,6 +83,11 @@ pub enum VmExit {
     IrqWindowOpen,
     /// `KVM_RUN` returned EINTR (signal / `immediate_exit`).
     Interrupted,
+    /// L0's own kick ([`GuestDebug`]-independent run deadline set with
+    /// `FlushPending::set_kick_after`) ended `KVM_RUN`: the guest is
+    /// consistent and may simply be run again (VMCALL watchdog, VMX-preemption
+    /// timer, polling L1's interrupts while L2 runs).
+    Kicked,
     /// `KVM_EXIT_FAIL_ENTRY`: KVM refused to enter the guest.
     FailEntry {
         /// Hardware entry-failure reason KVM reported.
@@ -90,6 +95,43 @@ pub enum VmExit {
     },
     /// Any other exit, by KVM exit number.
     Unsupported(u32),
+}
+
+/// What L0 asks of a vCPU's debug hardware (`KVM_SET_GUEST_DEBUG`): the
+/// one place that says which DR0-DR3 breakpoints and whether single-step
+/// are on. The nesting code combines every user's request into one of these
+/// before each `KVM_RUN` (`Nested::apply_l2_debug`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestDebug {
+    /// Instruction breakpoints at linear addresses (DR0-DR3).
+    pub breakpoints: [Option<u64>; 4],
+    /// Trap after one instruction (`KVM_GUESTDBG_SINGLESTEP`).
+    pub single_step: bool,
+}
+
+impl GuestDebug {
+    /// Nothing armed.
+    pub const OFF: GuestDebug = GuestDebug {
+        breakpoints: [None; 4],
+        single_step: false,
+    };
+
+    /// Whether anything is armed.
+    pub fn is_off(&self) -> bool {
+        *self == Self::OFF
+    }
+
+    /// DR7 for the armed breakpoints: L0-enabled (Ln), R/W = 00 (instruction
+    /// execution), LEN = 00; bit 10 reads as 1 (SDM 18.2.4).
+    pub fn dr7(&self) -> u64 {
+        let mut dr7 = 0x400;
+        for (i, bp) in self.breakpoints.iter().enumerate() {
+            if bp.is_some() {
+                dr7 |= 1 << (2 * i);
+            }
+        }
+        dr7
+    }
 }
 
 /// vCPU ioctl counters (the cost model of this host: ~8 us each).

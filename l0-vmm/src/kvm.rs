@@ -767,6 +767,38 @@ impl KvmVcpu {
         Ok(())
     }
 
+    /// Programs `KVM_SET_GUEST_DEBUG` from `dbg` (DR0-DR3 execute
+    /// breakpoints and single-step; all off clears guest debugging).
+    pub fn apply_guest_debug(&mut self, dbg: &crate::hv::GuestDebug) -> Result<(), KvmError> {
+        use kvm_bindings::{kvm_guest_debug_arch, KVM_GUESTDBG_USE_HW_BP};
+        let mut control = 0;
+        if !dbg.is_off() {
+            control |= KVM_GUESTDBG_ENABLE;
+        }
+        if dbg.single_step {
+            control |= KVM_GUESTDBG_SINGLESTEP;
+        }
+        let mut debugreg = [0u64; 8];
+        if dbg.breakpoints.iter().any(Option::is_some) {
+            control |= KVM_GUESTDBG_USE_HW_BP;
+            for (i, bp) in dbg.breakpoints.iter().enumerate() {
+                debugreg[i] = bp.unwrap_or(0);
+            }
+            debugreg[7] = dbg.dr7();
+        }
+        let k = kvm_guest_debug {
+            control,
+            arch: kvm_guest_debug_arch { debugreg },
+            ..Default::default()
+        };
+        self.counters.bump_other();
+        self.fd
+            .set_guest_debug(&k)
+            .map_err(KvmError::SetGuestDebug)?;
+        self.single_step = dbg.single_step;
+        Ok(())
+    }
+
     /// Sets `immediate_exit`: the next `run()` returns
     /// [`VmExit::Interrupted`] without entering the guest.
     /// Queued elements of a string OUT are discarded by such a run.

@@ -647,6 +647,7 @@ pub fn run_l1<V: Vcpu, L2: FlushPending>(
             }
             VmExit::IrqWindowOpen => bump(&mut stats.l1_exits, "irq-window"),
             VmExit::Interrupted => bump(&mut stats.l1_exits, "interrupted"),
+            VmExit::Kicked => bump(&mut stats.l1_exits, "kicked"),
             VmExit::Unsupported(n) => {
                 bump(&mut stats.l1_exits, "unsupported");
                 break RunEnd::Error(format!("unexpected KVM exit {n} while running L1"));

@@ -17,6 +17,12 @@
 
 use std::collections::BTreeMap;
 
+mod debug;
+mod events;
+mod intercept;
+mod precise;
+mod watchdog;
+
 use iced_x86::{
     Code, Decoder, DecoderOptions, Instruction, InstructionInfoFactory, OpAccess, Register,
 };
@@ -37,7 +43,7 @@ use vmcs12::region::OFFSET_ABORT_INDICATOR;
 use vmcs12::{GuestPhysMemory, Vmcs12, VmcsField, VmxCpu, VmxOutcome};
 
 use crate::ept_slots::{EptSlotError, EptSlots, L2Mapping, L2PhysView, SlotStats};
-use crate::hv::{Vcpu, VmExit};
+use crate::hv::{GuestDebug, Vcpu, VmExit};
 use crate::timeline::{ExitHandler, TimelineRecorder, Track};
 use crate::trace::{self, Direction};
 use crate::vmx_emul::{
@@ -120,16 +126,17 @@ pub trait FlushPending: Vcpu {
     /// `immediate_exit`, which completes it and returns EINTR).
     fn flush_pending(&mut self) -> Result<(), Self::Error>;
 
-    /// Arms (`Some`) or disarms (`None`) one instruction breakpoint at a
-    /// linear address; `Ok(false)`: this vCPU cannot (then L0 does without).
-    fn set_exec_breakpoint(&mut self, _linear: Option<u64>) -> Result<bool, Self::Error> {
+    /// Programs the debug hardware (`KVM_SET_GUEST_DEBUG`); `Ok(false)`:
+    /// this vCPU has none (then L0 does without).
+    fn set_guest_debug(&mut self, _dbg: &GuestDebug) -> Result<bool, Self::Error> {
         Ok(false)
     }
 
-    /// Runs exactly one instruction with breakpoints off and returns the
-    /// exit ([`VmExit::Debug`] when the step completed). The caller re-arms.
-    fn step_one(&mut self) -> Result<VmExit, Self::Error> {
-        self.run()
+    /// Makes the running `run()` return [`VmExit::Kicked`] if the guest is
+    /// still inside `KVM_RUN` after `after` (`None`: never). Stays in force
+    /// for every later `run()` until changed. `Ok(false)`: not supported.
+    fn set_kick_after(&mut self, _after: Option<std::time::Duration>) -> Result<bool, Self::Error> {
+        Ok(false)
     }
 }
 
@@ -141,33 +148,9 @@ impl FlushPending for crate::kvm::KvmVcpu {
         r.map(|_| ())
     }
 
-    fn set_exec_breakpoint(&mut self, linear: Option<u64>) -> Result<bool, Self::Error> {
-        use kvm_bindings::{
-            kvm_guest_debug, kvm_guest_debug_arch, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP,
-        };
-        // DR7: L0 enabled, R/W0 = 00 (instruction execution), LEN0 = 00;
-        // bit 10 reads as 1.
-        let dbg = match linear {
-            Some(a) => kvm_guest_debug {
-                control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
-                arch: kvm_guest_debug_arch {
-                    debugreg: [a, 0, 0, 0, 0, 0, 0, 0x401],
-                },
-                ..Default::default()
-            },
-            None => kvm_guest_debug::default(),
-        };
-        self.vcpu_fd()
-            .set_guest_debug(&dbg)
-            .map_err(crate::kvm::KvmError::SetGuestDebug)?;
+    fn set_guest_debug(&mut self, dbg: &GuestDebug) -> Result<bool, Self::Error> {
+        self.apply_guest_debug(dbg)?;
         Ok(true)
-    }
-
-    fn step_one(&mut self) -> Result<VmExit, Self::Error> {
-        self.set_single_step(true)?;
-        let r = self.run();
-        self.set_single_step(false)?;
-        r
     }
 }
 
@@ -301,9 +284,19 @@ pub struct Nested<V: FlushPending> {
     last_fault: Option<(u64, u8)>,
     /// The L2 VM's memslots (built from L1's EPT when vmcs12 enables it).
     l2_mem: Option<EptSlots>,
-    /// Linear address of L2's #PF handler while a breakpoint is armed on it
-    /// (EPT on: catches KVM's page walks that hit pages without a slot).
-    pf_breakpoint: Option<u64>,
+    /// The L2 vCPU's debug registers and single-step: every user's
+    /// request and what is programmed (`debug.rs`).
+    debug: debug::L2Debug,
+    /// The L2 vCPU's kick deadline by user (`debug.rs`).
+    kick: debug::L2Kick,
+    /// Exception-handler breakpoints (`intercept.rs`).
+    intercepts: intercept::Intercepts,
+    /// Precise mode (`precise.rs`).
+    precise: precise::Precise,
+    /// Timers and interrupts (`events.rs`).
+    events: events::Events,
+    /// The VMCALL watchdog (`watchdog.rs`).
+    watchdog: watchdog::Watchdog,
     /// `--record`: every L2 exit with its inputs and outputs.
     recorder: Option<Recorder>,
     /// `--timeline`: who ran when.
@@ -347,7 +340,12 @@ impl<V: FlushPending> Nested<V> {
             last_decision: None,
             last_fault: None,
             l2_mem: None,
-            pf_breakpoint: None,
+            debug: debug::L2Debug::default(),
+            kick: debug::L2Kick::default(),
+            intercepts: intercept::Intercepts::default(),
+            precise: precise::Precise::default(),
+            events: events::Events::default(),
+            watchdog: watchdog::Watchdog::default(),
             recorder: None,
             timeline: None,
             entry_fields: None,
@@ -721,7 +719,13 @@ impl<V: FlushPending> Nested<V> {
             self.l2.set_state(&l2).map_err(l2_err)?;
             self.l2_cached = Some(l2);
         }
-        self.arm_pf_intercept(&l2, mem)?;
+        self.intercept_on_entry(&l2, mem)?;
+        self.watchdog_on_entry(&l2, mem)?;
+        if let Some(observed) = self.events_on_entry(&l2, mem)? {
+            // An exit due before L2's first instruction.
+            self.reflect(l1, observed, mem)?;
+            return Ok(VmxExitOutcome::Continue);
+        }
         self.continue_l2(l1, mem, host)
     }
 
@@ -734,17 +738,25 @@ impl<V: FlushPending> Nested<V> {
         host: &mut dyn L2Host,
     ) -> Result<VmxExitOutcome, NestedError> {
         loop {
-            let span = trace::l2_run_span(self.stats.l2_entries).entered();
-            if let Some(t) = self.timeline.as_mut() {
-                t.enter(Track::L2, "L2 runs");
-            }
-            let exit = self.l2.run();
-            if let Some(t) = self.timeline.as_mut() {
-                let what = exit.as_ref().map_or("failed run", kvm_exit_name);
-                t.leave(format!("L0: {what} exit of L2"));
-            }
-            let step = self.handle_l2_exit(exit.map_err(l2_err)?, mem, host)?;
-            drop(span);
+            let step = match self.before_l2_run(mem)? {
+                // An exit synthesized before L2 runs (precise mode at an
+                // exiting instruction, an event due now).
+                Some(step) => step,
+                None => {
+                    let span = trace::l2_run_span(self.stats.l2_entries).entered();
+                    if let Some(t) = self.timeline.as_mut() {
+                        t.enter(Track::L2, "L2 runs");
+                    }
+                    let exit = self.l2.run();
+                    if let Some(t) = self.timeline.as_mut() {
+                        let what = exit.as_ref().map_or("failed run", kvm_exit_name);
+                        t.leave(format!("L0: {what} exit of L2"));
+                    }
+                    let step = self.handle_l2_exit(exit.map_err(l2_err)?, mem, host)?;
+                    drop(span);
+                    step
+                }
+            };
             match step {
                 L2Step::Resume => {}
                 L2Step::Stop(code) => return Ok(VmxExitOutcome::Stop(code)),
@@ -757,6 +769,24 @@ impl<V: FlushPending> Nested<V> {
         }
     }
 
+    /// Before each L2 run: precise mode and the event logic may synthesize
+    /// an exit at once; otherwise the debug hardware and the kick deadline
+    /// are programmed from every user's request.
+    fn before_l2_run(
+        &mut self,
+        mem: &mut dyn GuestPhysMemory,
+    ) -> Result<Option<L2Step>, NestedError> {
+        if let Some(step) = self.events_before_run()? {
+            return Ok(Some(step));
+        }
+        if let Some(step) = self.precise_before_run(mem)? {
+            return Ok(Some(step));
+        }
+        self.apply_l2_debug()?;
+        self.apply_l2_kick()?;
+        Ok(None)
+    }
+
     /// One L2 exit: observe it, decide, and handle it in L0 or hand it back
     /// for reflection.
     fn handle_l2_exit(
@@ -765,13 +795,24 @@ impl<V: FlushPending> Nested<V> {
         mem: &mut dyn GuestPhysMemory,
         host: &mut dyn L2Host,
     ) -> Result<L2Step, NestedError> {
-        if exit == VmExit::Interrupted {
-            return Ok(L2Step::Interrupted);
-        }
-        if let VmExit::Debug { pc, .. } = exit {
-            if self.pf_breakpoint == Some(pc) {
-                return self.handle_pf_breakpoint(mem, host);
+        match exit {
+            VmExit::Interrupted => return Ok(L2Step::Interrupted),
+            VmExit::Debug { pc, dr6 } => return self.on_l2_debug(pc, dr6, mem, host),
+            VmExit::Kicked => {
+                if let Some(step) = self.events_on_kicked(mem)? {
+                    return Ok(step);
+                }
+                if let Some(step) = self.watchdog_on_kicked(mem)? {
+                    return Ok(step);
+                }
+                return Ok(L2Step::Resume);
             }
+            VmExit::IrqWindowOpen => {
+                if let Some(step) = self.events_on_irq_window(mem)? {
+                    return Ok(step);
+                }
+            }
+            _ => {}
         }
         if let Some(ept) = self.l2_ept()? {
             if let Some(step) = self.handle_ept_exit(&exit, &ept, mem)? {
@@ -1080,8 +1121,9 @@ impl<V: FlushPending> Nested<V> {
             }
             _ => None,
         };
-        if want != self.pf_breakpoint && self.l2.set_exec_breakpoint(want).map_err(l2_err)? {
-            self.pf_breakpoint = want;
+        self.debug.req.handlers.retain(|&(v, _)| v != 14);
+        if let Some(addr) = want {
+            self.debug.req.handlers.insert(0, (14, addr));
         }
         Ok(())
     }
@@ -1185,12 +1227,7 @@ impl<V: FlushPending> Nested<V> {
         host: &mut dyn L2Host,
     ) -> Result<L2Step, NestedError> {
         self.stats.l2_page_faults_passed += 1;
-        let exit = self.l2.step_one().map_err(l2_err)?;
-        let armed = self.pf_breakpoint;
-        if !self.l2.set_exec_breakpoint(armed).map_err(l2_err)? {
-            self.pf_breakpoint = None;
-        }
-        match exit {
+        match self.step_l2_once()? {
             VmExit::Debug { .. } => Ok(L2Step::Resume),
             other => self.handle_l2_exit(other, mem, host),
         }
@@ -1325,6 +1362,12 @@ impl<V: FlushPending> Nested<V> {
         if let Err(e) = prepared {
             return Err(abort(e, mem));
         }
+        // Timers, interruptibility and activity state into vmcs12.
+        self.events_on_reflect(&observed)?;
+        let vmcs12 = self
+            .cpu
+            .current_vmcs_mut()
+            .ok_or(NestedError::NoCurrentVmcs)?;
         // The CPU's state at the exit is L2's (GPRs, CR2, DR0-3, DR6 and the
         // MSRs the exit does not load stay as L2 left them); after an entry
         // failure it is still L1's.
@@ -1474,6 +1517,7 @@ fn kvm_exit_name(e: &VmExit) -> &'static str {
         VmExit::Debug { .. } => "debug",
         VmExit::IrqWindowOpen => "irq-window",
         VmExit::Interrupted => "interrupted",
+        VmExit::Kicked => "kicked",
         VmExit::Unsupported(_) => "unsupported",
     }
 }
@@ -2357,8 +2401,13 @@ mod tests {
             self.flushes += 1;
             Ok(())
         }
-        fn set_exec_breakpoint(&mut self, linear: Option<u64>) -> Result<bool, FakeError> {
-            self.completions.push(format!("breakpoint {linear:x?}"));
+        fn set_guest_debug(&mut self, dbg: &GuestDebug) -> Result<bool, FakeError> {
+            if dbg.breakpoints.iter().all(Option::is_none) && dbg.single_step {
+                self.completions.push("step".into());
+            } else {
+                self.completions
+                    .push(format!("breakpoint {:x?}", dbg.breakpoints[0]));
+            }
             Ok(true)
         }
     }
