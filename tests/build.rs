@@ -4,7 +4,8 @@
 //! linker script, and exports their paths:
 //! `TEST_KERNEL_ELF64` (entered in 64-bit mode),
 //! `TEST_KERNEL_MULTIBOOT` (Multiboot v1, 32-bit entry) and
-//! `TEST_KERNEL_PLATFORM` (Multiboot v1: fw_cfg, modules, local APIC timer).
+//! `TEST_KERNEL_PLATFORM` (Multiboot v1: fw_cfg, modules, local APIC timer),
+//! `TEST_KERNEL_UNMODIFIED_L1` (Multiboot v1: an L1 hypervisor without the trap port).
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -80,6 +81,11 @@ fn main() {
     println!(
         "cargo:rustc-env=TEST_KERNEL_MULTIBOOT={}",
         multiboot.display()
+    );
+    let unmodified = build_kernel(&rustc, &workspace, &out_dir, "unmodified_l1", "_start32");
+    println!(
+        "cargo:rustc-env=TEST_KERNEL_UNMODIFIED_L1={}",
+        unmodified.display()
     );
     let platform = build_kernel(&rustc, &workspace, &out_dir, "platform", "_start32");
     println!(

@@ -167,4 +167,13 @@ pub trait Vcpu {
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), Self::Error>;
     /// Ioctl counters so far.
     fn counters(&self) -> IoctlCounters;
+
+    /// Programs the debug hardware (`KVM_SET_GUEST_DEBUG`: DR0-DR3 execute
+    /// breakpoints, single-step) for L0's own use; `Ok(false)`: this vCPU
+    /// has none (L0 then does without). Named apart from
+    /// `FlushPending::set_guest_debug` (the L2 vCPU's) so calls on a vCPU
+    /// implementing both stay unambiguous.
+    fn program_guest_debug(&mut self, _dbg: &GuestDebug) -> Result<bool, Self::Error> {
+        Ok(false)
+    }
 }

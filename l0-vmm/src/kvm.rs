@@ -12,9 +12,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Once};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_debugregs, kvm_dtable, kvm_enable_cap, kvm_guest_debug, kvm_lapic_state, kvm_mp_state,
@@ -157,41 +156,202 @@ pub fn lapic_reg(l: &kvm_lapic_state, offset: usize) -> u32 {
     u32::from_le_bytes(b)
 }
 
-/// Signal that kicks a vCPU out of KVM_RUN for a halt check.
+/// Signal that kicks a vCPU out of KVM_RUN (halt check, run deadline).
 fn halt_kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN() + 3
 }
 
 extern "C" fn halt_kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// State shared between a vCPU and its halt watcher thread.
+/// Nanoseconds since a process-wide origin (monotonic).
+fn mono_ns() -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Why the watcher kicked a KVM_RUN (bits of [`RunShared::kick`]).
+const KICK_HALT: u64 = 1;
+const KICK_DEADLINE: u64 = 2;
+const KICK_REASON_BITS: u32 = 2;
+/// A kicked KVM_RUN that has not ended after this long is kicked again.
+const KICK_RETRY_NS: u64 = 1_000_000;
+
+/// What a KVM_RUN that failed with EINTR learns from the watcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KickSeen {
+    /// Not the watcher: someone else's signal (or `immediate_exit`).
+    None,
+    /// A kick meant for an earlier KVM_RUN that had already returned.
+    Stale,
+    /// This KVM_RUN lasted [`HALT_CHECK_PERIOD`].
+    Halt,
+    /// This `run()` call outlasted the deadline of `set_kick_after`.
+    Deadline,
+}
+
+/// State shared between a vCPU and its watcher thread. The vCPU side only
+/// touches atomics on each KVM_RUN (plus a futex wake when the watcher is
+/// parked with nothing to time).
 #[derive(Debug, Default)]
-struct HaltShared {
+struct RunShared {
     /// Incremented at every KVM_RUN entry.
     run_seq: AtomicU64,
     /// Inside KVM_RUN now.
     in_run: AtomicBool,
     /// The thread calling KVM_RUN (`pthread_t`).
     thread: AtomicU64,
-    /// The watcher kicked the current KVM_RUN.
-    kicked: AtomicBool,
+    /// [`mono_ns`] when the current `run()` call began (its first KVM_RUN).
+    call_start: AtomicU64,
+    /// [`mono_ns`] when the current KVM_RUN began.
+    ioctl_start: AtomicU64,
+    /// Deadline of `set_kick_after` in ns (0: none).
+    kick_after: AtomicU64,
+    /// Kick a KVM_RUN that lasts [`HALT_CHECK_PERIOD`] (in-kernel LAPIC).
+    halt_check: AtomicBool,
+    /// The last kick: `run_seq << KICK_REASON_BITS | reasons` (0: none or
+    /// consumed).
+    kick: AtomicU64,
+    /// The watcher waits on `wake` with nothing to time.
+    parked: AtomicBool,
+    stop: AtomicBool,
+    lock: Mutex<()>,
+    wake: Condvar,
 }
 
-/// With an in-kernel local APIC, HLT never reaches userspace: KVM blocks
-/// the vCPU inside KVM_RUN until an interrupt arrives. The watcher kicks
-/// a KVM_RUN that lasted longer than [`HALT_CHECK_PERIOD`]; [`KvmVcpu::run`]
-/// then reports [`VmExit::Hlt`] if the guest is halted and nothing can
-/// wake it (IF = 0 and no NMI, or no interrupt pending and no timer
-/// armed), and otherwise re-enters KVM_RUN (the guest does not notice).
+impl RunShared {
+    /// Wakes the watcher if it is parked (or `always`).
+    fn nudge(&self, always: bool) {
+        if always || self.parked.load(Ordering::SeqCst) {
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.wake.notify_one();
+        }
+    }
+
+    /// The watcher thread: sleeps until the earliest deadline of the
+    /// current KVM_RUN (or parks when there is none), then signals the
+    /// vCPU thread, again every [`KICK_RETRY_NS`] until that KVM_RUN ends.
+    fn watch(&self) {
+        // The KVM_RUN kicked last: (run_seq, when, why).
+        let mut kicked: Option<(u64, u64, u64)> = None;
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let seq = self.run_seq.load(Ordering::SeqCst);
+            let in_run = self.in_run.load(Ordering::SeqCst);
+            let mut due: Option<(u64, u64)> = None;
+            let kicked_seq = kicked.map(|k| k.0);
+            if let Some((_, at, why)) = kicked.filter(|k| in_run && k.0 == seq) {
+                // A signal that arrived between `enter` and the KVM_RUN
+                // syscall ran its handler in userspace and did not stop
+                // the run: kick again until that KVM_RUN ends.
+                due = Some((at.saturating_add(KICK_RETRY_NS), why));
+            } else if in_run {
+                let after = self.kick_after.load(Ordering::SeqCst);
+                let mut add = |at: u64, why: u64| {
+                    due = Some(match due {
+                        Some((t, w)) if t < at => (t, w),
+                        Some((t, w)) if t == at => (t, w | why),
+                        _ => (at, why),
+                    });
+                };
+                if after != 0 {
+                    add(
+                        self.call_start.load(Ordering::SeqCst).saturating_add(after),
+                        KICK_DEADLINE,
+                    );
+                }
+                if self.halt_check.load(Ordering::SeqCst) {
+                    let period = u64::try_from(HALT_CHECK_PERIOD.as_nanos()).unwrap_or(u64::MAX);
+                    add(
+                        self.ioctl_start
+                            .load(Ordering::SeqCst)
+                            .saturating_add(period),
+                        KICK_HALT,
+                    );
+                }
+            }
+            let guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            match due {
+                Some((at, why)) => {
+                    let now = mono_ns();
+                    if now < at {
+                        // A new KVM_RUN, a new deadline or stop wakes us
+                        // early; then everything is looked at again.
+                        let _ = self
+                            .wake
+                            .wait_timeout(guard, Duration::from_nanos(at - now));
+                        continue;
+                    }
+                    drop(guard);
+                    if self.run_seq.load(Ordering::SeqCst) != seq
+                        || !self.in_run.load(Ordering::SeqCst)
+                    {
+                        continue;
+                    }
+                    self.kick
+                        .store(seq << KICK_REASON_BITS | why, Ordering::SeqCst);
+                    kicked = Some((seq, mono_ns(), why));
+                    let t = self.thread.load(Ordering::SeqCst) as libc::pthread_t;
+                    // SAFETY: `t` is the thread inside KVM_RUN of a vCPU
+                    // that joins this thread before it is dropped; the
+                    // signal has a no-op handler. A signal that lands after
+                    // that KVM_RUN returned either interrupts a syscall Rust
+                    // retries or the next KVM_RUN, which sees a stale kick
+                    // and re-enters.
+                    unsafe { libc::pthread_kill(t, halt_kick_signal()) };
+                }
+                None => {
+                    // Nothing to time: park until the next KVM_RUN, a new
+                    // setting or stop (re-checked under the lock, so the
+                    // wake-up of `nudge` cannot be lost).
+                    self.parked.store(true, Ordering::SeqCst);
+                    let changed = self.stop.load(Ordering::SeqCst)
+                        || self.run_seq.load(Ordering::SeqCst) != seq
+                        || self.in_run.load(Ordering::SeqCst) != in_run
+                        || (in_run
+                            && kicked_seq != Some(seq)
+                            && (self.kick_after.load(Ordering::SeqCst) != 0
+                                || self.halt_check.load(Ordering::SeqCst)));
+                    let guard = if changed {
+                        guard
+                    } else {
+                        self.wake.wait(guard).unwrap_or_else(|e| e.into_inner())
+                    };
+                    self.parked.store(false, Ordering::SeqCst);
+                    drop(guard);
+                }
+            }
+        }
+    }
+}
+
+/// One watcher thread per vCPU (started with the vCPU when it has an
+/// in-kernel local APIC, or by the first `set_kick_after`). It kicks the
+/// vCPU's KVM_RUN with a signal in two cases:
+///
+/// - Halt check: with an in-kernel local APIC, HLT never reaches
+///   userspace: KVM blocks the vCPU inside KVM_RUN until an interrupt
+///   arrives. A KVM_RUN that lasted [`HALT_CHECK_PERIOD`] is kicked;
+///   [`KvmVcpu::run`] then reports [`VmExit::Hlt`] if the guest is halted
+///   and nothing can wake it (IF = 0 and no NMI, or no interrupt pending
+///   and no timer armed), and otherwise re-enters KVM_RUN (the guest does
+///   not notice).
+/// - Run deadline ([`KvmVcpu::set_kick_after`]): a `run()` call still
+///   inside KVM_RUN that long after it began returns [`VmExit::Kicked`]
+///   (a VMCALL hangs KVM_RUN on this host, see kvm-host-facts.md).
+///
+/// The watcher sleeps until the earliest deadline of the current KVM_RUN
+/// and parks when there is none; it never polls.
 #[derive(Debug)]
-struct HaltWatch {
-    shared: Arc<HaltShared>,
-    stop: mpsc::Sender<()>,
+struct RunWatch {
+    shared: Arc<RunShared>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl HaltWatch {
-    fn start() -> Result<Self, KvmError> {
+impl RunWatch {
+    fn start(halt_check: bool) -> Result<Self, KvmError> {
         static INIT: Once = Once::new();
         static INSTALLED: AtomicBool = AtomicBool::new(false);
         INIT.call_once(|| {
@@ -203,66 +363,76 @@ impl HaltWatch {
         });
         if !INSTALLED.load(Ordering::SeqCst) {
             return Err(KvmError::HaltWatch(
-                "cannot install the halt-check signal handler".into(),
+                "cannot install the vCPU kick signal handler".into(),
             ));
         }
-        let shared = Arc::new(HaltShared::default());
-        let (stop, rx) = mpsc::channel::<()>();
+        let shared = Arc::new(RunShared::default());
+        shared.halt_check.store(halt_check, Ordering::SeqCst);
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
-            .name("l0-halt-watch".into())
-            .spawn(move || {
-                let mut last = u64::MAX;
-                loop {
-                    match rx.recv_timeout(HALT_CHECK_PERIOD) {
-                        Err(RecvTimeoutError::Timeout) => {}
-                        _ => return,
-                    }
-                    let seq = sh.run_seq.load(Ordering::SeqCst);
-                    if sh.in_run.load(Ordering::SeqCst)
-                        && seq == last
-                        && !sh.kicked.swap(true, Ordering::SeqCst)
-                    {
-                        let t = sh.thread.load(Ordering::SeqCst) as libc::pthread_t;
-                        // SAFETY: `t` is the thread inside KVM_RUN of a
-                        // vCPU that joins this thread before it is
-                        // dropped; the signal has a no-op handler. A
-                        // signal that lands just after KVM_RUN returned
-                        // only interrupts a syscall Rust retries.
-                        unsafe { libc::pthread_kill(t, halt_kick_signal()) };
-                    }
-                    last = seq;
-                }
-            })
-            .map_err(|e| KvmError::HaltWatch(format!("cannot start the halt watcher: {e}")))?;
+            .name("l0-run-watch".into())
+            .spawn(move || sh.watch())
+            .map_err(|e| KvmError::HaltWatch(format!("cannot start the vCPU watcher: {e}")))?;
         Ok(Self {
             shared,
-            stop,
             thread: Some(thread),
         })
     }
 
-    fn enter(&self) {
+    fn set_kick_after(&self, after: Option<Duration>) {
+        let ns = after.map_or(0, |d| {
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
+        });
+        self.shared.kick_after.store(ns, Ordering::SeqCst);
+        self.shared.nudge(true);
+    }
+
+    fn halt_check(&self) -> bool {
+        self.shared.halt_check.load(Ordering::SeqCst)
+    }
+
+    /// Before each KVM_RUN; `first`: the first of a `run()` call.
+    fn enter(&self, first: bool) {
+        let sh = &self.shared;
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
-        self.shared.thread.store(me as u64, Ordering::SeqCst);
-        self.shared.kicked.store(false, Ordering::SeqCst);
-        self.shared.run_seq.fetch_add(1, Ordering::SeqCst);
-        self.shared.in_run.store(true, Ordering::SeqCst);
+        sh.thread.store(me as u64, Ordering::SeqCst);
+        let now = mono_ns();
+        if first {
+            sh.call_start.store(now, Ordering::SeqCst);
+        }
+        sh.ioctl_start.store(now, Ordering::SeqCst);
+        sh.run_seq.fetch_add(1, Ordering::SeqCst);
+        sh.in_run.store(true, Ordering::SeqCst);
+        sh.nudge(false);
     }
 
     fn leave(&self) {
         self.shared.in_run.store(false, Ordering::SeqCst);
     }
 
-    fn take_kick(&self) -> bool {
-        self.shared.kicked.swap(false, Ordering::SeqCst)
+    /// After KVM_RUN failed with EINTR: whether (and why) the watcher
+    /// kicked it.
+    fn take_kick(&self) -> KickSeen {
+        let k = self.shared.kick.swap(0, Ordering::SeqCst);
+        if k == 0 {
+            return KickSeen::None;
+        }
+        if k >> KICK_REASON_BITS != self.shared.run_seq.load(Ordering::SeqCst) {
+            return KickSeen::Stale;
+        }
+        if k & KICK_DEADLINE != 0 {
+            KickSeen::Deadline
+        } else {
+            KickSeen::Halt
+        }
     }
 }
 
-impl Drop for HaltWatch {
+impl Drop for RunWatch {
     fn drop(&mut self) {
-        let _ = self.stop.send(());
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.nudge(true);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -335,7 +505,7 @@ pub enum KvmError {
     /// Creating the interrupt controller failed.
     #[error("{0} failed: {1}; this KVM cannot give the guest a local APIC")]
     Irqchip(&'static str, #[source] kvm_ioctls::Error),
-    /// The halt watcher (in-kernel local APIC) could not start.
+    /// The vCPU watcher (halt check, run deadline) could not start.
     #[error("{0}")]
     HaltWatch(String),
     /// KVM_GET_LAPIC / KVM_GET_MP_STATE / KVM_SET_MP_STATE failed.
@@ -587,7 +757,7 @@ impl KvmVm {
         counters.other += 1;
         let mut vcpu = KvmVcpu::new(fd, self.ram.clone(), counters, self.vm.run_size())?;
         if self.irqchip.lapic_in_kernel() {
-            vcpu.halt_watch = Some(HaltWatch::start()?);
+            vcpu.watch = Some(RunWatch::start(true)?);
         }
         Ok(vcpu)
     }
@@ -698,8 +868,9 @@ pub struct KvmVcpu {
     run_size: usize,
     /// `kvm_run.immediate_exit` as last set.
     immediate_exit: bool,
-    /// Halt detection with an in-kernel local APIC.
-    halt_watch: Option<HaltWatch>,
+    /// Halt detection with an in-kernel local APIC and the run deadline
+    /// (one watcher thread, started when first needed).
+    watch: Option<RunWatch>,
 }
 
 impl KvmVcpu {
@@ -713,7 +884,7 @@ impl KvmVcpu {
             fd,
             run_size,
             immediate_exit: false,
-            halt_watch: None,
+            watch: None,
             _ram: ram,
             counters: Arc::new(SharedCounters::default()),
             policy: SyncPolicy::default(),
@@ -799,12 +970,35 @@ impl KvmVcpu {
         Ok(())
     }
 
+    /// Elements of the current string OUT already performed by KVM and
+    /// not yet returned by `run()`.
+    pub fn out_elements_queued(&self) -> u32 {
+        u32::try_from(self.out_queue.len()).unwrap_or(u32::MAX)
+    }
+
     /// Sets `immediate_exit`: the next `run()` returns
     /// [`VmExit::Interrupted`] without entering the guest.
     /// Queued elements of a string OUT are discarded by such a run.
     pub fn set_immediate_exit(&mut self, on: bool) {
         self.immediate_exit = on;
         self.fd.set_kvm_immediate_exit(u8::from(on));
+    }
+
+    /// Makes `run()` return [`VmExit::Kicked`] when a call is still inside
+    /// KVM_RUN `after` it began (`None`: never); stays in force for every
+    /// later `run()`. Starts the vCPU's watcher thread on first use (the
+    /// same thread does the halt check of an in-kernel local APIC).
+    pub fn set_kick_after(&mut self, after: Option<Duration>) -> Result<(), KvmError> {
+        match (&self.watch, after) {
+            (Some(w), _) => w.set_kick_after(after),
+            (None, None) => {}
+            (None, Some(_)) => {
+                let w = RunWatch::start(false)?;
+                w.set_kick_after(after);
+                self.watch = Some(w);
+            }
+        }
+        Ok(())
     }
 
     /// KVM_GET_MSRS of one MSR: `None` if KVM does not implement it.
@@ -1265,29 +1459,45 @@ impl Vcpu for KvmVcpu {
             }
         }
         self.pending = Pending::None;
+        let mut first = true;
         let exit = loop {
             self.counters.bump_run();
-            if let Some(w) = &self.halt_watch {
-                w.enter();
+            if let Some(w) = &self.watch {
+                w.enter(first);
             }
+            first = false;
             let res = self.fd.run();
-            if let Some(w) = &self.halt_watch {
+            if let Some(w) = &self.watch {
                 w.leave();
             }
             match res {
                 Ok(exit) => break exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    if self.halt_watch.as_ref().is_some_and(HaltWatch::take_kick) {
-                        if self.idle_halted()? {
+                    let (seen, halt_check) = self
+                        .watch
+                        .as_ref()
+                        .map_or((KickSeen::None, false), |w| (w.take_kick(), w.halt_check()));
+                    match seen {
+                        // A late signal meant for an earlier KVM_RUN.
+                        KickSeen::Stale => continue,
+                        KickSeen::Halt | KickSeen::Deadline
+                            if halt_check && self.idle_halted()? =>
+                        {
                             self.events = self.fd.sync_regs().events;
                             return Ok(VmExit::Hlt);
                         }
                         // Busy or waiting for an interrupt that will come:
                         // the guest goes on as if nothing happened.
-                        continue;
+                        KickSeen::Halt => continue,
+                        KickSeen::Deadline => {
+                            self.events = self.fd.sync_regs().events;
+                            return Ok(VmExit::Kicked);
+                        }
+                        KickSeen::None => {
+                            self.events = self.fd.sync_regs().events;
+                            return Ok(VmExit::Interrupted);
+                        }
                     }
-                    self.events = self.fd.sync_regs().events;
-                    return Ok(VmExit::Interrupted);
                 }
                 Err(e) => return Err(KvmError::Run(e)),
             }
@@ -1567,6 +1777,11 @@ impl Vcpu for KvmVcpu {
     fn counters(&self) -> IoctlCounters {
         self.counters.get()
     }
+
+    fn program_guest_debug(&mut self, dbg: &crate::hv::GuestDebug) -> Result<bool, KvmError> {
+        self.apply_guest_debug(dbg)?;
+        Ok(true)
+    }
 }
 
 impl KvmVcpu {
@@ -1638,6 +1853,111 @@ impl KvmVcpu {
     }
 }
 
+/// `KVM_GET_LAPIC` / `KVM_SET_LAPIC` (`_IOR`/`_IOW(KVMIO, 0x8e/0x8f, 1024)`).
+const KVM_GET_LAPIC_IOCTL: libc::c_ulong = 0x8400_ae8e;
+const KVM_SET_LAPIC_IOCTL: libc::c_ulong = 0x4400_ae8f;
+
+/// Access to one vCPU's in-kernel local APIC through a duplicate of its
+/// file descriptor, for code that does not own the [`KvmVcpu`] (the L2
+/// path reads L1's pending interrupts while L1's vCPU is out of
+/// `KVM_RUN`, on the same thread).
+#[derive(Debug)]
+pub struct LapicHandle {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl LapicHandle {
+    /// KVM_GET_LAPIC: the 1 KiB register page.
+    pub fn get(&self) -> Result<[u8; 1024], KvmError> {
+        use std::os::fd::AsRawFd;
+        let mut l = kvm_lapic_state::default();
+        // SAFETY: KVM_GET_LAPIC writes exactly one kvm_lapic_state (1024
+        // bytes) into the valid, exclusively borrowed buffer.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), KVM_GET_LAPIC_IOCTL, &mut l) };
+        if r < 0 {
+            return Err(KvmError::ApicState(
+                "KVM_GET_LAPIC",
+                kvm_ioctls::Error::last(),
+            ));
+        }
+        Ok(l.regs.map(|b| b as u8))
+    }
+
+    /// KVM_SET_LAPIC with the 1 KiB register page.
+    pub fn set(&self, regs: &[u8; 1024]) -> Result<(), KvmError> {
+        use std::os::fd::AsRawFd;
+        let l = kvm_lapic_state {
+            regs: regs.map(|b| b as libc::c_char),
+        };
+        // SAFETY: KVM_SET_LAPIC reads one kvm_lapic_state from the valid
+        // buffer and keeps no reference to it.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), KVM_SET_LAPIC_IOCTL, &l) };
+        if r < 0 {
+            return Err(KvmError::ApicState(
+                "KVM_SET_LAPIC",
+                kvm_ioctls::Error::last(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Interrupt and timer support of a vCPU (helper "events"): the interrupt
+/// window of a vCPU without an in-kernel PIC, NMI injection, the TSC rate
+/// and local APIC access.
+impl KvmVcpu {
+    /// Sets `kvm_run.request_interrupt_window`: with it KVM returns
+    /// [`VmExit::IrqWindowOpen`] once the guest can take an interrupt
+    /// (measured on this host: one instruction after the boundary where the
+    /// window opened, see docs/platform.md).
+    pub fn set_request_interrupt_window(&mut self, on: bool) {
+        self.fd.get_kvm_run().request_interrupt_window = u8::from(on);
+    }
+
+    /// `kvm_run.ready_for_interrupt_injection` of the last exit.
+    pub fn ready_for_interrupt_injection(&mut self) -> bool {
+        self.fd.get_kvm_run().ready_for_interrupt_injection != 0
+    }
+
+    /// KVM_NMI: queues an NMI for the guest.
+    pub fn nmi(&mut self) -> Result<(), KvmError> {
+        self.counters.bump_other();
+        self.fd.nmi().map_err(|e| KvmError::ApicState("KVM_NMI", e))
+    }
+
+    /// KVM_GET_TSC_KHZ: the guest TSC's rate (`None` if KVM does not say).
+    pub fn tsc_khz(&mut self) -> Result<Option<u32>, KvmError> {
+        self.counters.bump_other();
+        match self.fd.get_tsc_khz() {
+            Ok(0) => Ok(None),
+            Ok(khz) => Ok(Some(khz)),
+            Err(e) if e.errno() == libc::EIO || e.errno() == libc::ENOTTY => Ok(None),
+            Err(e) => Err(KvmError::ApicState("KVM_GET_TSC_KHZ", e)),
+        }
+    }
+
+    /// KVM_SET_LAPIC.
+    pub fn set_lapic(&mut self, l: &kvm_lapic_state) -> Result<(), KvmError> {
+        self.counters.bump_other();
+        self.fd
+            .set_lapic(l)
+            .map_err(|e| KvmError::ApicState("KVM_SET_LAPIC", e))
+    }
+
+    /// A handle on this vCPU's local APIC (a duplicated descriptor).
+    pub fn lapic_handle(&self) -> Result<LapicHandle, KvmError> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: dup of a descriptor this vCPU owns; the result is checked.
+        let raw = unsafe { libc::dup(self.fd.as_raw_fd()) };
+        if raw < 0 {
+            return Err(KvmError::ApicState("dup", kvm_ioctls::Error::last()));
+        }
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        Ok(LapicHandle { fd })
+    }
+}
+
 /// Little-endian value of up to four bytes.
 fn le_u32(b: &[u8]) -> u32 {
     let mut v = [0u8; 4];
@@ -1652,6 +1972,7 @@ mod tests {
     use crate::loader::{images::elf64, load_kernel};
     use crate::memory::RamView;
     use crate::test_support::kvm_or_skip;
+    use std::sync::mpsc;
     use vmcs12::GuestPhysMemory;
 
     const CODE: u64 = 0x20_0000;
@@ -2367,5 +2688,178 @@ mod tests {
         assert_eq!(outs.get(1).map(|o| o.1 & 0xff), Some(0x14), "version");
         assert_eq!(outs.get(2).map(|o| o.1), Some(0), "x2APIC ID of vCPU 0");
         assert_eq!(outs.get(3).map(|o| o.1), Some(0xc4500), "ICR idle");
+    }
+
+    /// A vCPU of a VM with `chip` at `code` (64-bit mode).
+    fn guest_with(ram: &Arc<GuestRam>, chip: IrqChip, code: &[u8]) -> (KvmVm, KvmVcpu) {
+        let k = load_kernel(ram, &elf64(CODE, code, 0), "").unwrap();
+        let vm = KvmVm::new_l1_with(ram.clone(), &VmxCapabilities::default(), chip).unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let base = vcpu.get_state().unwrap();
+        vcpu.set_state(&k.entry_state(&base)).unwrap();
+        (vm, vcpu)
+    }
+
+    /// `inc rax; jmp` back to it: busy forever, and RAX shows progress.
+    const BUSY_LOOP: [u8; 5] = [0x48, 0xff, 0xc0, 0xeb, 0xfb];
+    /// `vmcall; out 0x80, al; hlt`.
+    const VMCALL_THEN_OUT: [u8; 6] = [0x0f, 0x01, 0xc1, 0xe6, 0x80, 0xf4];
+    /// A bound on a kick's lateness that a loaded 2-core machine keeps.
+    const KICK_SLACK: Duration = Duration::from_millis(500);
+
+    /// Runs a busy guest with a kick of `after` `n` times: each run returns
+    /// Kicked no earlier than `after` and within [`KICK_SLACK`], and the
+    /// guest goes on between kicks (on a loaded host a vCPU may get no CPU
+    /// time within one short deadline, so progress is checked over all
+    /// kicks). Returns the lateness of each kick.
+    fn kick_busy_guest(vcpu: &mut KvmVcpu, after: Duration, n: usize) -> Vec<Duration> {
+        vcpu.set_kick_after(Some(after)).unwrap();
+        let mut late = Vec::new();
+        let start_rax = vcpu.get_state().unwrap().gprs.get(0);
+        let mut last_rax = start_rax;
+        for _ in 0..n {
+            let t = Instant::now();
+            let exit = vcpu.run().unwrap();
+            let took = t.elapsed();
+            assert_eq!(exit, VmExit::Kicked);
+            assert!(took >= after, "kicked after {took:?}, before {after:?}");
+            assert!(took < after + KICK_SLACK, "kicked only after {took:?}");
+            let s = vcpu.get_state().unwrap();
+            assert!(s.gprs.get(0) >= last_rax, "the guest state is kept");
+            assert!((CODE..CODE + 5).contains(&s.rip), "rip {:#x}", s.rip);
+            last_rax = s.gprs.get(0);
+            late.push(took - after);
+        }
+        assert!(last_rax > start_rax, "the guest ran between the kicks");
+        late
+    }
+
+    fn print_lateness(what: &str, mut late: Vec<Duration>) {
+        late.sort();
+        let pick = |q: usize| late.get(late.len() * q / 100).copied().unwrap_or_default();
+        eprintln!(
+            "kick lateness ({what}, {} kicks): median {:?}, p90 {:?}, max {:?}",
+            late.len(),
+            pick(50),
+            pick(90),
+            late.last().copied().unwrap_or_default()
+        );
+    }
+
+    #[test]
+    fn test_kvm_kick_after_ends_a_busy_run_and_the_guest_continues() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let ram = ram();
+        let (_vm, mut vcpu) = guest(&ram, VmRole::L2, &BUSY_LOOP);
+        let late = kick_busy_guest(&mut vcpu, Duration::from_millis(2), 50);
+        print_lateness("no irqchip, 2 ms", late);
+    }
+
+    #[test]
+    fn test_kvm_kick_after_works_with_the_halt_watch_of_an_in_kernel_lapic() {
+        if !kvm_or_skip() {
+            return;
+        }
+        for chip in [IrqChip::InKernel, IrqChip::Split] {
+            let ram = ram();
+            let (_vm, mut vcpu) = guest_with(&ram, chip, &BUSY_LOOP);
+            // Shorter and longer than HALT_CHECK_PERIOD: the halt check
+            // re-enters KVM_RUN for a busy guest without resetting the
+            // deadline of the run() call.
+            let late = kick_busy_guest(&mut vcpu, Duration::from_millis(2), 20);
+            print_lateness(&format!("{chip:?}, 2 ms"), late);
+            let late = kick_busy_guest(&mut vcpu, HALT_CHECK_PERIOD * 3, 3);
+            print_lateness(&format!("{chip:?}, 30 ms"), late);
+        }
+    }
+
+    #[test]
+    fn test_kvm_vmcall_hangs_until_kicked_with_rip_at_the_vmcall() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let ram = ram();
+        let (_vm, mut vcpu) = guest(&ram, VmRole::L2, &VMCALL_THEN_OUT);
+        vcpu.set_kick_after(Some(Duration::from_millis(2))).unwrap();
+        let t = Instant::now();
+        assert_eq!(vcpu.run().unwrap(), VmExit::Kicked);
+        eprintln!("VMCALL kicked after {:?}", t.elapsed());
+        let mut s = vcpu.get_state().unwrap();
+        assert_eq!(s.rip, CODE, "RIP stays on the VMCALL");
+        // Still stuck on it when run again, every time: no kick is lost
+        // (a signal landing just before KVM_RUN is repeated).
+        vcpu.set_kick_after(Some(Duration::from_micros(300)))
+            .unwrap();
+        let mut worst = Duration::ZERO;
+        for _ in 0..300 {
+            let t = Instant::now();
+            assert_eq!(vcpu.run().unwrap(), VmExit::Kicked);
+            worst = worst.max(t.elapsed());
+            assert_eq!(vcpu.get_state().unwrap().rip, CODE);
+        }
+        eprintln!("300 VMCALL kicks of 300 us: longest run() {worst:?}");
+        assert!(worst < KICK_SLACK, "{worst:?}");
+        // Past it, the guest continues normally.
+        s.rip = CODE + 3;
+        vcpu.set_state(&s).unwrap();
+        assert!(matches!(
+            vcpu.run().unwrap(),
+            VmExit::IoOut { port: 0x80, .. }
+        ));
+        assert_eq!(vcpu.run().unwrap(), VmExit::Hlt);
+    }
+
+    #[test]
+    fn test_kvm_kick_off_leaves_exits_and_other_signals_alone() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let ram = ram();
+        let (_vm, mut vcpu) = guest(&ram, VmRole::L2, &[0xe6, 0x80, 0xeb, 0xfe]);
+        // A kick far away does not disturb a run that exits by itself.
+        vcpu.set_kick_after(Some(Duration::from_secs(5))).unwrap();
+        assert!(matches!(
+            vcpu.run().unwrap(),
+            VmExit::IoOut { port: 0x80, .. }
+        ));
+        // Kick off: a `jmp $` stays in KVM_RUN until someone else's signal,
+        // which is Interrupted, not Kicked.
+        vcpu.set_kick_after(None).unwrap();
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() } as u64;
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            // SAFETY: the test thread joins this thread before it returns;
+            // the signal has a no-op handler (installed by the watcher).
+            unsafe { libc::pthread_kill(me as libc::pthread_t, halt_kick_signal()) };
+        });
+        let t = Instant::now();
+        let exit = vcpu.run().unwrap();
+        h.join().unwrap();
+        assert_eq!(exit, VmExit::Interrupted);
+        assert!(
+            t.elapsed() >= Duration::from_millis(40),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn test_kvm_idle_halt_is_reported_as_hlt_even_with_a_kick() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let ram = ram();
+        // `cli; hlt; out 0x80, al`: halted with nothing to wake it.
+        let (_vm, mut vcpu) = guest_with(&ram, IrqChip::InKernel, &[0xfa, 0xf4, 0xe6, 0x80]);
+        vcpu.set_kick_after(Some(Duration::from_millis(2))).unwrap();
+        assert_eq!(vcpu.run().unwrap(), VmExit::Hlt);
+        assert_eq!(vcpu.get_state().unwrap().rip, CODE + 2);
+        assert!(matches!(
+            vcpu.run().unwrap(),
+            VmExit::IoOut { port: 0x80, .. }
+        ));
     }
 }

@@ -21,10 +21,18 @@ use serde::Serialize;
 use crate::devices::{Devices, IoOutcome, Level, MsrAccess};
 use crate::hv::{IoctlCounters, Vcpu, VmExit};
 use crate::l1_image::abi;
+use crate::l1_intercept::{
+    decode_mov_to_cr4, mov_to_cr4, read_frame, unwind, Cr4Context, Cr4Verdict, Hit, L1Intercepts,
+    CR4_VMXE,
+};
 use crate::memory::{GuestRam, RamView};
 use crate::msr::VmxMsrHandler;
-use crate::nested::{FlushPending, HostAction, L2Host, Nested, VmxExitOutcome};
-use crate::vmx_emul::{access_linear, vmx_instruction_at, Access, VmxInstruction};
+use crate::nested::{
+    FlushPending, HostAction, L2Host, Nested, VmcallWatchdogStats, VmxExitOutcome,
+};
+use crate::vmx_emul::{
+    access_linear, fetch_insn_bytes, vmx_instruction_at, Access, VmxInstruction,
+};
 
 /// Process exit code when L1 halted with nothing to wake it.
 pub const EXIT_HALTED: i32 = 0;
@@ -154,6 +162,11 @@ pub struct RunStats {
     pub wall: Duration,
     /// Accesses to ports no device claims.
     pub unhandled_ports: BTreeMap<u16, u64>,
+    /// L2 VMCALLs the VMCALL watchdog turned into exit 18, with timing.
+    pub vmcall_watchdog: VmcallWatchdogStats,
+    /// Exception intercepts, precise mode and event counters
+    /// (`Nested::hidden_exit_rows`).
+    pub hidden_exits: Vec<(String, u64)>,
 }
 
 /// One VMX instruction kind, by trap path.
@@ -165,6 +178,10 @@ pub struct VmxPathRow {
     pub emulation_failure: u64,
     /// Emulated from a trap frame L1's #UD handler sent to port 0x0e0e.
     pub trap_port: u64,
+    /// Emulated at L1's #UD handler, caught by L0's breakpoint there
+    /// (`l1_intercept.rs`; L1 without the trap port).
+    #[serde(default)]
+    pub ud_breakpoint: u64,
 }
 
 /// The result of a run.
@@ -404,8 +421,14 @@ pub fn summary_lines(report: &RunReport) -> Vec<String> {
         let (ef, tp) = s.vmx_by_path.iter().fold((0, 0), |(a, b), r| {
             (a + r.emulation_failure, b + r.trap_port)
         });
+        let bp: u64 = s.vmx_by_path.iter().map(|r| r.ud_breakpoint).sum();
+        let bp = if bp > 0 {
+            format!(", #UD breakpoint {bp}")
+        } else {
+            String::new()
+        };
         out.push(format!(
-            "VMX instructions by path: emulation-failure exit {ef}, #UD trap port {tp}"
+            "VMX instructions by path: emulation-failure exit {ef}, #UD trap port {tp}{bp}"
         ));
         out.push(format!(
             "{:<16} {:>8} {:>18} {:>18}",
@@ -422,6 +445,10 @@ pub fn summary_lines(report: &RunReport) -> Vec<String> {
     }
     for (p, n) in &s.unhandled_ports {
         out.push(format!("unclaimed port {p:#x}: {n} accesses"));
+    }
+    out.extend(vmcall_watchdog_line(&s.vmcall_watchdog));
+    for (what, n) in &s.hidden_exits {
+        out.push(format!("{what:<44} {n:>8}"));
     }
     out
 }
@@ -449,6 +476,7 @@ impl Deadline {
 struct PathCounts {
     emulation_failure: [u64; VMX_KINDS],
     trap_port: [u64; VMX_KINDS],
+    ud_breakpoint: [u64; VMX_KINDS],
 }
 
 impl PathCounts {
@@ -471,8 +499,9 @@ impl PathCounts {
                 name: k.name().to_string(),
                 emulation_failure: self.emulation_failure[k.index()],
                 trap_port: self.trap_port[k.index()],
+                ud_breakpoint: self.ud_breakpoint[k.index()],
             })
-            .filter(|r| r.emulation_failure + r.trap_port > 0)
+            .filter(|r| r.emulation_failure + r.trap_port + r.ud_breakpoint > 0)
             .collect()
     }
 }
@@ -499,6 +528,8 @@ pub fn run_l1<V: Vcpu, L2: FlushPending>(
     // RIP of a VMX instruction the emulation path answered with #UD: when
     // L1's #UD handler offers it on the trap port, it is genuine.
     let mut decided_ud: Option<u64> = None;
+    // Breakpoints on L1's #GP/#UD handlers (l1_intercept.rs).
+    let mut icpt = L1Intercepts::new(cfg.vmx_trap == VmxTrapPath::InvalidOpcode);
     let end = loop {
         if deadline.expired() {
             break RunEnd::Timeout(deadline.start.elapsed());
@@ -514,11 +545,27 @@ pub fn run_l1<V: Vcpu, L2: FlushPending>(
             Ok(e) => e,
             Err(e) => break RunEnd::Error(format!("running L1 failed: {e}")),
         };
+        if let Some(n) = nested.as_deref_mut() {
+            let mut ctx = InterceptCtx {
+                ram,
+                platform: &mut *platform,
+                deadline: &deadline,
+                paths: &mut paths,
+                decided_ud: &mut decided_ud,
+                counts: &mut stats.l1_exits,
+            };
+            match l1_intercept_exit(&mut icpt, n, l1, &exit, &mut ctx) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(end) => break end,
+            }
+        }
         match exit {
             VmExit::IoOut { port, size, data } => {
                 bump(&mut stats.l1_exits, "io-out");
                 if port == abi::VMX_TRAP_PORT {
                     bump(&mut stats.l1_exits, "vmx-trap-port");
+                    icpt.note_trap_port();
                     let Some(n) = nested.as_deref_mut() else {
                         if !warned_trap_port {
                             platform.devices.console.l0_line(&format!(
@@ -647,7 +694,17 @@ pub fn run_l1<V: Vcpu, L2: FlushPending>(
             }
             VmExit::IrqWindowOpen => bump(&mut stats.l1_exits, "irq-window"),
             VmExit::Interrupted => bump(&mut stats.l1_exits, "interrupted"),
-            VmExit::Kicked => bump(&mut stats.l1_exits, "kicked"),
+            VmExit::Kicked => {
+                bump(&mut stats.l1_exits, "kicked");
+                match l1_vmcall_on_kick(nested.as_deref_mut(), l1, ram, platform, &deadline) {
+                    Ok(Some(ud)) => {
+                        bump(&mut stats.l1_exits, "vmcall-watchdog");
+                        decided_ud = ud;
+                    }
+                    Ok(None) => {}
+                    Err(end) => break end,
+                }
+            }
             VmExit::Unsupported(n) => {
                 bump(&mut stats.l1_exits, "unsupported");
                 break RunEnd::Error(format!("unexpected KVM exit {n} while running L1"));
@@ -674,6 +731,8 @@ pub fn run_l1<V: Vcpu, L2: FlushPending>(
             .map(|(k, c)| (k.to_string(), c))
             .collect();
         stats.vmx_by_path = paths.rows();
+        stats.vmcall_watchdog = n.vmcall_watchdog_stats();
+        stats.hidden_exits = n.hidden_exit_rows();
     }
     let exit_code = end.exit_code_for(cfg.exit_convention);
     let report = RunReport {
@@ -685,6 +744,64 @@ pub fn run_l1<V: Vcpu, L2: FlushPending>(
         platform.devices.console.l0_line(&l);
     }
     report
+}
+
+/// The VMCALL watchdog's kick ended L1's `KVM_RUN` (a VMCALL hangs it on
+/// this host). When L1's RIP is on a VMCALL, L1 gets the SDM's outcome
+/// (SDM 31.3, VMCALL; L0 documents no hypercall interface in its CPUID
+/// leaves, so none applies): the VMX emulation gives #UD outside VMX
+/// operation, VMfailValid(1) with a current VMCS, else VMfailInvalid, and
+/// RIP advances past it. Without nesting L1 is never in VMX operation: #UD.
+/// `Ok(None)`: not a VMCALL, L1 goes on; `Ok(Some(ud))`: handled, `ud` is
+/// the RIP of a #UD L0 decided (genuine when L1's handler offers it on the
+/// trap port).
+fn l1_vmcall_on_kick<V: Vcpu, L2: FlushPending>(
+    nested: Option<&mut Nested<L2>>,
+    l1: &mut V,
+    ram: &GuestRam,
+    platform: &mut Platform<'_>,
+    deadline: &Deadline,
+) -> Result<Option<Option<u64>>, RunEnd> {
+    let state = l1
+        .get_state()
+        .map_err(|e| RunEnd::Error(format!("reading L1's state after a kick failed: {e}")))?;
+    // An event still to be delivered comes before the instruction at RIP.
+    if state.pending_event.is_some()
+        || vmx_instruction_at(&state, &[], &mut RamView(ram)) != Some(VmxInstruction::Vmcall)
+    {
+        return Ok(None);
+    }
+    tracing::debug!(rip = state.rip, "VMCALL watchdog: L1 is on a VMCALL");
+    match nested {
+        Some(n) => {
+            let _ = n.take_last_fault();
+            // Empty bytes: the emulation fetches them at CS:RIP itself.
+            vmx_exit(n, l1, &[], ram, platform, deadline)?;
+            Ok(Some(
+                n.take_last_fault()
+                    .and_then(|(rip, v)| (v == UD_VECTOR).then_some(rip)),
+            ))
+        }
+        None => {
+            l1.inject_exception(UD_VECTOR, None)
+                .map_err(|e| RunEnd::Error(format!("injecting #UD into L1 failed: {e}")))?;
+            Ok(Some(None))
+        }
+    }
+}
+
+/// The summary line of the VMCALL watchdog, when it caught a VMCALL of L2.
+fn vmcall_watchdog_line(s: &VmcallWatchdogStats) -> Option<String> {
+    let mean = s.mean()?;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    Some(format!(
+        "VMCALL watchdog: {} L2 VMCALLs became exit 18, VM entry to exit {:.3} ms mean ({:.3} min, {:.3} max), {} kicks",
+        s.vmcalls,
+        ms(mean),
+        ms(s.min),
+        ms(s.max),
+        s.kicks
+    ))
 }
 
 /// `--vmx-trap ud`: when the instruction KVM could not emulate is a VMX
@@ -707,6 +824,190 @@ fn inject_ud_at_vmx<V: Vcpu>(
             Ok(true)
         }
     }
+}
+
+/// What the L1-intercept hooks need of the run loop.
+struct InterceptCtx<'a, 'p> {
+    ram: &'a GuestRam,
+    platform: &'a mut Platform<'p>,
+    deadline: &'a Deadline,
+    paths: &'a mut PathCounts,
+    decided_ud: &'a mut Option<u64>,
+    counts: &'a mut BTreeMap<&'static str, u64>,
+}
+
+fn l1_err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> RunEnd + '_ {
+    move |e| RunEnd::Error(format!("{what} L1's vCPU failed: {e}"))
+}
+
+/// Programs L1's debug hardware and records it.
+fn program_l1_debug<V: Vcpu>(
+    icpt: &mut L1Intercepts,
+    l1: &mut V,
+    dbg: crate::hv::GuestDebug,
+) -> Result<(), RunEnd> {
+    let ok = l1
+        .program_guest_debug(&dbg)
+        .map_err(l1_err("programming the debug registers of"))?;
+    icpt.applied(dbg, ok);
+    Ok(())
+}
+
+/// The L1-intercept hook, run on every L1 exit before the run loop looks
+/// at it (l1_intercept.rs, docs/l1-intercepts.md): follows L1's IDT to
+/// keep the #GP/#UD handler breakpoints on, and handles their hits.
+/// `Ok(true)`: the exit was L0's own (a handler hit or the step past one).
+fn l1_intercept_exit<V: Vcpu, L2: FlushPending>(
+    icpt: &mut L1Intercepts,
+    n: &mut Nested<L2>,
+    l1: &mut V,
+    exit: &VmExit,
+    ctx: &mut InterceptCtx<'_, '_>,
+) -> Result<bool, RunEnd> {
+    let VmExit::Debug { pc, dr6 } = *exit else {
+        if icpt.follows_idt() {
+            let state = l1.get_state().map_err(l1_err("reading"))?;
+            let mut mem = RamView(ctx.ram);
+            if let Some(want) = icpt.refresh(&state, &mut mem, abi::VMX_TRAP_PORT) {
+                program_l1_debug(icpt, l1, want)?;
+                n.set_vmxe_observable(icpt.gp_armed());
+            }
+        }
+        return Ok(false);
+    };
+    let handled = match icpt.classify(pc, dr6) {
+        Hit::Other => return Ok(false),
+        Hit::StepDone => {
+            bump(ctx.counts, "l1-handler-step");
+            let dbg = icpt.rearm();
+            program_l1_debug(icpt, l1, dbg)?;
+            return Ok(true);
+        }
+        Hit::GeneralProtection => {
+            bump(ctx.counts, "gp-breakpoint");
+            l1_gp_hit(icpt, n, l1, ctx)?
+        }
+        Hit::InvalidOpcode => {
+            bump(ctx.counts, "ud-breakpoint");
+            l1_ud_hit(n, l1, ctx)?
+        }
+    };
+    if !handled {
+        // L1's handler gets the exception: one step past the breakpoint.
+        let dbg = icpt.step_over();
+        program_l1_debug(icpt, l1, dbg)?;
+    }
+    Ok(true)
+}
+
+/// L1's #GP handler was hit: completes a `mov cr4` that sets CR4.VMXE
+/// (KVM refuses it) when the SDM allows it; `Ok(false)`: L1's handler
+/// gets the #GP.
+fn l1_gp_hit<V: Vcpu, L2: FlushPending>(
+    icpt: &mut L1Intercepts,
+    n: &mut Nested<L2>,
+    l1: &mut V,
+    ctx: &mut InterceptCtx<'_, '_>,
+) -> Result<bool, RunEnd> {
+    let handler = l1.get_state().map_err(l1_err("reading"))?;
+    let mut mem = RamView(ctx.ram);
+    let pre = match read_frame(&handler, &mut mem, true).and_then(|f| {
+        // KVM's #GP for CR4.VMXE has error code 0.
+        if f.error_code == Some(0) {
+            unwind(&handler, &f).map(Some)
+        } else {
+            Ok(None)
+        }
+    }) {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(false),
+        Err(e) => {
+            tracing::debug!("L1 #GP not unwound: {e}");
+            return Ok(false);
+        }
+    };
+    let Ok(Ok(bytes)) = fetch_insn_bytes(&pre, &mut mem) else {
+        return Ok(false);
+    };
+    let Some(mov) = decode_mov_to_cr4(&pre, &bytes) else {
+        return Ok(false);
+    };
+    // Without VMXE KVM would have taken the write: this #GP is L1's own.
+    if mov.value & CR4_VMXE == 0 {
+        return Ok(false);
+    }
+    let caps = n.cpu().caps();
+    let rules = Cr4Context {
+        old: n.l1_visible_cr4(pre.cr4),
+        vmx_operation: matches!(
+            n.cpu().vmx_operation(),
+            vmcs12::vmx::VmxOperation::Root { .. }
+        ),
+        long_mode: pre.msrs.efer & VcpuState::EFER_LMA != 0,
+        cr3: pre.cr3,
+        cpl: (pre.cs.selector & 3) as u8,
+        fixed0: caps.cr4_fixed0(),
+        fixed1: caps.cr4_fixed1(),
+    };
+    match mov_to_cr4(&rules, mov.value) {
+        Cr4Verdict::GeneralProtection => Ok(false),
+        Cr4Verdict::Complete { hw, vmxe } => {
+            let mut s = pre;
+            s.cr4 = hw;
+            s.rip = pre.rip.wrapping_add(mov.len);
+            if pre.msrs.efer & VcpuState::EFER_LMA == 0 {
+                s.rip &= 0xffff_ffff;
+            }
+            l1.set_state(&s).map_err(l1_err("writing"))?;
+            n.set_vmxe(vmxe);
+            icpt.stats.cr4_writes += 1;
+            bump(ctx.counts, "cr4-vmxe-write");
+            tracing::debug!(
+                rip = pre.rip,
+                cr4 = mov.value,
+                "L1 mov cr4 with VMXE completed"
+            );
+            Ok(true)
+        }
+    }
+}
+
+/// L1's #UD handler was hit (`--vmx-trap ud`, L1 without the trap port):
+/// emulates the VMX instruction at the faulting RIP from the unwound
+/// state; `Ok(false)`: L1's handler gets the #UD.
+fn l1_ud_hit<V: Vcpu, L2: FlushPending>(
+    n: &mut Nested<L2>,
+    l1: &mut V,
+    ctx: &mut InterceptCtx<'_, '_>,
+) -> Result<bool, RunEnd> {
+    let handler = l1.get_state().map_err(l1_err("reading"))?;
+    let mut mem = RamView(ctx.ram);
+    let pre = match read_frame(&handler, &mut mem, false).and_then(|f| unwind(&handler, &f)) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!("L1 #UD not unwound: {e}");
+            return Ok(false);
+        }
+    };
+    // A #UD L0 itself gave as the instruction's outcome is genuine.
+    if *ctx.decided_ud == Some(pre.rip) {
+        *ctx.decided_ud = None;
+        return Ok(false);
+    }
+    match vmx_instruction_at(&pre, &[], &mut mem) {
+        None | Some(VmxInstruction::Vmcall) => return Ok(false),
+        Some(_) => {}
+    }
+    l1.set_state(&pre).map_err(l1_err("writing"))?;
+    bump(ctx.counts, "vmx-ud-breakpoint");
+    let before = n.stats().vmx_instructions;
+    let _ = n.take_last_fault();
+    let r = vmx_exit(n, l1, &[], ctx.ram, ctx.platform, ctx.deadline);
+    PathCounts::add(&mut ctx.paths.ud_breakpoint, &before, n);
+    *ctx.decided_ud = n
+        .take_last_fault()
+        .and_then(|(rip, v)| (v == UD_VECTOR).then_some(rip));
+    r.map(|()| true)
 }
 
 /// GPRs in the trap frame, in frame order, with their VMX register numbers.
@@ -1051,6 +1352,10 @@ mod tests {
         runs: u64,
         /// Sleep this long in each `run` (timeout tests).
         delay: Duration,
+        /// Has debug hardware (`program_guest_debug` succeeds).
+        debug_hw: bool,
+        /// Every debug state programmed.
+        debug: Vec<crate::hv::GuestDebug>,
     }
 
     #[derive(Debug, thiserror::Error)]
@@ -1090,6 +1395,12 @@ mod tests {
                 kvm_run: self.runs,
                 other: 0,
             }
+        }
+        fn program_guest_debug(&mut self, dbg: &crate::hv::GuestDebug) -> Result<bool, Exhausted> {
+            if self.debug_hw {
+                self.debug.push(*dbg);
+            }
+            Ok(self.debug_hw)
         }
     }
 
@@ -1203,6 +1514,48 @@ mod tests {
             RunEnd::Error(m) => assert!(m.contains("nesting is off"), "{m}"),
             e => panic!("expected an error, got {e:?}"),
         }
+    }
+
+    /// A kick of L1's vCPU on a VMCALL (KVM hangs on it): without nesting
+    /// L1 is outside VMX operation, so #UD at the VMCALL (SDM 31.3); a kick
+    /// anywhere else changes nothing.
+    #[test]
+    fn test_kicked_l1_on_vmcall_gets_ud_without_nesting() {
+        let ram = GuestRam::new(2 << 20).unwrap();
+        ram.write_bytes(0x1000, &[0x0f, 0x01, 0xc1, 0x90, 0x90, 0x90])
+            .unwrap();
+        let mut v = Scripted {
+            exits: vec![VmExit::Kicked, VmExit::Hlt].into(),
+            ..Default::default()
+        };
+        v.state.rip = 0x1000;
+        let (r, _) = run_on(
+            &mut v,
+            None,
+            &ram,
+            VmxCapabilities::default(),
+            &RunConfig::default(),
+        );
+        assert_eq!(r.end, RunEnd::Halted);
+        assert_eq!(v.injected, vec![(UD_VECTOR, None)]);
+        assert_eq!(r.stats.l1_exits.get("vmcall-watchdog"), Some(&1));
+        // RIP on the NOP after it: nothing happens.
+        let mut v = Scripted {
+            exits: vec![VmExit::Kicked, VmExit::Hlt].into(),
+            ..Default::default()
+        };
+        v.state.rip = 0x1003;
+        let (r, _) = run_on(
+            &mut v,
+            None,
+            &ram,
+            VmxCapabilities::default(),
+            &RunConfig::default(),
+        );
+        assert_eq!(r.end, RunEnd::Halted);
+        assert!(v.injected.is_empty());
+        assert_eq!(r.stats.l1_exits.get("kicked"), Some(&1));
+        assert_eq!(r.stats.l1_exits.get("vmcall-watchdog"), None);
     }
 
     #[test]
@@ -1365,7 +1718,8 @@ mod tests {
             vec![VmxPathRow {
                 name: "vmxon".into(),
                 emulation_failure: 0,
-                trap_port: 1
+                trap_port: 1,
+                ud_breakpoint: 0
             }]
         );
     }
@@ -1517,6 +1871,7 @@ mod tests {
             name: "vmxon".into(),
             emulation_failure: 0,
             trap_port: 1,
+            ud_breakpoint: 0,
         });
         let lines = summary_lines(&RunReport {
             end: RunEnd::Halted,
@@ -1534,5 +1889,117 @@ mod tests {
             .iter()
             .any(|l| l.starts_with("30") && l.contains("I/O")));
         assert!(lines.iter().any(|l| l.starts_with("vmxon")));
+    }
+
+    /// L1 (64-bit, identity paging) stopped at its #GP handler 0x21_0000
+    /// (IDT at 0x22_0000) with a #GP frame at RSP 0x7_0000 for the
+    /// instruction `insn` at 0x20_0000 (RAX = `rax`); L1 makes one OUT (L0
+    /// arms the breakpoint), then the `hits`, then writes 0xf4.
+    fn gp_hit_run(insn: &[u8], rax: u64, hits: Vec<VmExit>) -> (RunReport, Scripted, bool) {
+        use crate::loader::{images::elf64, load_kernel};
+        use vmcs12::GuestPhysMemory;
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let k = load_kernel(&ram, &elf64(0x20_0000, insn, 0x10), "").unwrap();
+        let mut state = k.entry_state(&VcpuState::default());
+        let mut m = RamView(&ram);
+        let handler: u64 = 0x21_0000;
+        let gate = (handler & 0xffff)
+            | (u64::from(state.cs.selector) << 16)
+            | (0x8e00 << 32)
+            | (((handler >> 16) & 0xffff) << 48);
+        m.write_u64(0x22_0000 + 13 * 16, gate).unwrap();
+        m.write_u64(0x22_0000 + 13 * 16 + 8, 0).unwrap();
+        for (i, v) in [
+            0,
+            0x20_0000,
+            u64::from(state.cs.selector),
+            0x246,
+            0x7_0100,
+            u64::from(state.ss.selector),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            m.write_u64(0x7_0000 + 8 * i as u64, v).unwrap();
+        }
+        state.idtr.base = 0x22_0000;
+        state.idtr.limit = 32 * 16 - 1;
+        state.rip = handler;
+        state.rflags = 0x2;
+        state.gprs.regs[0] = rax;
+        state.gprs.regs[4] = 0x7_0000;
+        let mut exits = vec![out(0x3f8, b'x')];
+        exits.extend(hits);
+        exits.push(VmExit::IoOut {
+            port: 0xf4,
+            size: 4,
+            data: 0,
+        });
+        let mut l1 = Scripted {
+            exits: exits.into(),
+            state,
+            debug_hw: true,
+            ..Default::default()
+        };
+        let caps = VmxCapabilities::default();
+        let mut nested = Nested::new(vmcs12::VmxCpu::new(caps.clone()), Scripted::default());
+        let (r, _) = run_on(
+            &mut l1,
+            Some(&mut nested),
+            &ram,
+            caps,
+            &RunConfig::default(),
+        );
+        (r, l1, nested.vmxe())
+    }
+
+    #[test]
+    fn test_gp_breakpoint_completes_mov_cr4_with_vmxe() {
+        // mov cr4, rax with RAX = CR4 | VMXE.
+        let hit = VmExit::Debug {
+            pc: 0x21_0000,
+            dr6: 1,
+        };
+        let (r, l1, vmxe) = gp_hit_run(&[0x0f, 0x22, 0xe0], 0x2620, vec![hit]);
+        assert_eq!(r.end, RunEnd::DebugExit(1));
+        assert_eq!(
+            l1.debug[0].breakpoints[0],
+            Some(0x21_0000),
+            "armed at the handler"
+        );
+        assert_eq!(l1.debug.len(), 1, "no step: L1 resumes after the mov");
+        // The frame is unwound and the instruction completed.
+        assert_eq!(l1.state.rip, 0x20_0003);
+        assert_eq!(l1.state.gprs.regs[4], 0x7_0100);
+        assert_eq!(l1.state.rflags, 0x246);
+        assert_eq!(l1.state.cr4, 0x620, "VMXE stays virtual");
+        assert!(vmxe);
+        assert_eq!(r.stats.l1_exits.get("cr4-vmxe-write"), Some(&1));
+    }
+
+    #[test]
+    fn test_gp_breakpoint_hands_other_faults_to_l1() {
+        // mov cr4, rax with a reserved bit (15): the #GP stands. Then the
+        // step past the handler's first instruction re-arms.
+        let hits = vec![
+            VmExit::Debug {
+                pc: 0x21_0000,
+                dr6: 1,
+            },
+            VmExit::Debug {
+                pc: 0x21_0001,
+                dr6: crate::l1_intercept::DR6_BS,
+            },
+        ];
+        let (r, l1, vmxe) = gp_hit_run(&[0x0f, 0x22, 0xe0], 0xa620, hits);
+        assert_eq!(r.end, RunEnd::DebugExit(1));
+        assert!(!vmxe);
+        assert_eq!(l1.state.rip, 0x21_0000, "L1 stays at its handler");
+        assert_eq!(l1.state.cr4, 0x20, "CR4 untouched");
+        let armed = l1.debug[0];
+        assert!(l1.debug[1].single_step && l1.debug[1].breakpoints[0].is_none());
+        assert_eq!(l1.debug[2], armed, "re-armed after the step");
+        assert_eq!(r.stats.l1_exits.get("l1-handler-step"), Some(&1));
+        assert_eq!(r.stats.l1_exits.get("cr4-vmxe-write"), None);
     }
 }

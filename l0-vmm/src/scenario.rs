@@ -135,6 +135,23 @@ pub struct FieldWrite {
     pub field: Spanned<Value>,
     /// Value (number or label).
     pub value: Spanned<Value>,
+    /// `write` (default: the field becomes `value`), `or` (its current
+    /// value OR `value`) or `clear` (its current value AND NOT `value`).
+    pub mode: Option<Spanned<String>>,
+}
+
+/// L1's local-APIC timer (`[l1] lapic_timer`), one-shot, armed right
+/// before the first VMLAUNCH.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LapicTimerSpec {
+    /// Interrupt vector (16-255).
+    pub vector: Spanned<u32>,
+    /// Initial count (timer ticks: KVM's APIC bus runs at 1 GHz, so at
+    /// divide 1 one tick is 1 ns).
+    pub count: u32,
+    /// Divider: 1, 2, 4, ..., 128 (default 1).
+    pub divide: Option<Spanned<u32>>,
 }
 
 /// An event L1 injects.
@@ -177,6 +194,37 @@ pub struct OnExit {
     pub set: Option<FieldWrite>,
 }
 
+/// A VMX instruction L1 executes itself, with its expected outcome
+/// (`[[l1.vmx]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmxOpSpec {
+    /// `vmxon`, `vmxoff`, `vmclear`, `vmptrld`, `vmptrst`, `vmread`,
+    /// `vmwrite`, `vmlaunch`, `vmresume`, `invept`, `invvpid`,
+    /// `mov-ss-vmlaunch`.
+    pub op: Spanned<String>,
+    /// `setup` (after VMXON, no current VMCS), `launch` (default: the VMCS
+    /// is built, before the first VMLAUNCH) or `end` (after L2's run).
+    pub phase: Option<Spanned<String>>,
+    /// Memory operand: `vmxon`, `vmcs`, `spare-vmcs`, `bad-revision`
+    /// (optionally `+N`), a number or a label.
+    pub address: Option<Spanned<Value>>,
+    /// VMREAD/VMWRITE field (name or encoding).
+    pub field: Option<Spanned<Value>>,
+    /// VMWRITE value.
+    pub value: Option<Spanned<Value>>,
+    /// INVEPT/INVVPID type.
+    #[serde(rename = "type")]
+    pub kind: Option<Spanned<Value>>,
+    /// INVEPT/INVVPID descriptor (two quadwords; default zeros).
+    pub descriptor: Option<Vec<Spanned<Value>>>,
+    /// `VMsucceed`, `VMfailInvalid`, `VMfailValid(N)` or `fault(#UD)`.
+    pub expect: Spanned<String>,
+    /// VMREAD/VMPTRST value, or the VM_EXIT_REASON after a VMLAUNCH or
+    /// VMRESUME that entered.
+    pub result: Option<Spanned<Value>>,
+}
+
 /// L1's side of the scenario.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -215,6 +263,11 @@ pub struct L1Spec {
     pub on_exit: Vec<OnExit>,
     /// L1 stops after this many exits (default 64).
     pub max_exits: Option<u32>,
+    /// VMX instructions L1 executes itself, with expected outcomes.
+    #[serde(default)]
+    pub vmx: Vec<VmxOpSpec>,
+    /// L1's local-APIC timer, armed before the first VMLAUNCH.
+    pub lapic_timer: Option<LapicTimerSpec>,
 }
 
 /// The L2 program.
@@ -283,6 +336,14 @@ pub struct ExpectExit {
     pub gpa: Option<Spanned<Value>>,
     /// GUEST_LINEAR_ADDRESS.
     pub gla: Option<Spanned<Value>>,
+    /// VM_EXIT_INTR_ERROR_CODE.
+    pub error_code: Option<Spanned<Value>>,
+    /// VMX_PREEMPTION_TIMER_VALUE after the exit: a number, or a
+    /// comparison `"> 0"`, `">= N"`, `"< N"`, `"<= N"`, `"!= N"`, or an
+    /// inclusive range `"A..B"`.
+    pub preemption_timer: Option<Spanned<Value>>,
+    /// GUEST_ACTIVITY_STATE after the exit (0 active, 1 HLT).
+    pub activity_state: Option<u32>,
 }
 
 /// Exits L0 must handle itself.
@@ -293,6 +354,26 @@ pub struct ExpectL0 {
     pub reason: Spanned<Value>,
     /// How many (exactly).
     pub count: u64,
+}
+
+/// Memory contents after the run (`[[expect.memory]]`): exactly one of
+/// `bytes`, `text`, `word`, `dword`, `qword`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemSpec {
+    /// Guest-physical address (= L2-physical: L1's EPT is the identity)
+    /// or a label.
+    pub address: Spanned<Value>,
+    /// Bytes.
+    pub bytes: Option<Vec<u8>>,
+    /// ASCII text.
+    pub text: Option<String>,
+    /// A little-endian 16-bit value.
+    pub word: Option<Spanned<Value>>,
+    /// A little-endian 32-bit value.
+    pub dword: Option<Spanned<Value>>,
+    /// A little-endian 64-bit value.
+    pub qword: Option<Spanned<Value>>,
 }
 
 /// Expectations.
@@ -311,6 +392,9 @@ pub struct Expect {
     pub console: Option<String>,
     /// Outcome of the failing VMLAUNCH/VMRESUME (`VMfailValid(7)`, ...).
     pub vmx_outcome: Option<Spanned<String>>,
+    /// Memory contents after the run.
+    #[serde(default)]
+    pub memory: Vec<MemSpec>,
 }
 
 fn line_of(text: &str, span: Range<usize>) -> usize {
@@ -358,6 +442,7 @@ pub const REASONS: &[(u16, &str)] = &[
     (53, "invvpid"),
     (54, "wbinvd"),
     (55, "xsetbv"),
+    (59, "vmfunc"),
 ];
 
 /// The short name of a basic exit reason.
@@ -538,6 +623,32 @@ pub struct Compiled {
     pub console: Option<String>,
     /// Expected outcome of a failing VM entry instruction.
     pub vmx_outcome: Option<u32>,
+    /// Expected outcomes of the `[[l1.vmx]]` operations, in table order.
+    pub vmx_ops: Vec<WantOp>,
+    /// Expected memory contents.
+    pub memory: Vec<WantMem>,
+}
+
+/// The expected outcome of one `[[l1.vmx]]` operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantOp {
+    /// What it is, for the diff (`vmclear vmcs+0x10 (setup), line 12`).
+    pub what: String,
+    /// Results code of the outcome (0 VMsucceed, as `vmx_outcome` else).
+    pub outcome: u32,
+    /// Expected value (VMREAD, VMPTRST, exit reason after an entry).
+    pub value: Option<u64>,
+}
+
+/// Expected memory contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantMem {
+    /// Guest-physical address.
+    pub addr: u64,
+    /// How the file named it (`result`, `0x600000`).
+    pub what: String,
+    /// The bytes.
+    pub bytes: Vec<u8>,
 }
 
 /// One expected L1 exit, resolved.
@@ -557,6 +668,82 @@ pub struct WantExit {
     pub gpa: Option<u64>,
     /// GUEST_LINEAR_ADDRESS.
     pub gla: Option<u64>,
+    /// VM_EXIT_INTR_ERROR_CODE.
+    pub error_code: Option<u32>,
+    /// VMX_PREEMPTION_TIMER_VALUE.
+    pub preemption_timer: Option<Cmp>,
+    /// GUEST_ACTIVITY_STATE.
+    pub activity_state: Option<u32>,
+}
+
+/// A check of a number: equal, a comparison or an inclusive range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cmp {
+    /// `== n` (a plain number in the file).
+    Eq(u64),
+    /// `!= n`.
+    Ne(u64),
+    /// `> n`.
+    Gt(u64),
+    /// `>= n`.
+    Ge(u64),
+    /// `< n`.
+    Lt(u64),
+    /// `<= n`.
+    Le(u64),
+    /// `a..b`, both included.
+    Range(u64, u64),
+}
+
+impl Cmp {
+    /// Parses `"> 0"`, `"<= 0x100"`, `"1..5"` or a number.
+    pub fn parse(s: &str) -> Option<Cmp> {
+        let s = s.trim();
+        if let Some((a, b)) = s.split_once("..") {
+            let (a, b) = (parse_num(a)?, parse_num(b)?);
+            return (a <= b).then_some(Cmp::Range(a, b));
+        }
+        for (op, make) in [
+            (">=", Cmp::Ge as fn(u64) -> Cmp),
+            ("<=", Cmp::Le),
+            ("!=", Cmp::Ne),
+            ("==", Cmp::Eq),
+            (">", Cmp::Gt),
+            ("<", Cmp::Lt),
+        ] {
+            if let Some(rest) = s.strip_prefix(op) {
+                return parse_num(rest).map(make);
+            }
+        }
+        parse_num(s).map(Cmp::Eq)
+    }
+
+    /// Whether `v` passes.
+    pub fn matches(self, v: u64) -> bool {
+        match self {
+            Cmp::Eq(n) => v == n,
+            Cmp::Ne(n) => v != n,
+            Cmp::Gt(n) => v > n,
+            Cmp::Ge(n) => v >= n,
+            Cmp::Lt(n) => v < n,
+            Cmp::Le(n) => v <= n,
+            Cmp::Range(a, b) => (a..=b).contains(&v),
+        }
+    }
+}
+
+impl std::fmt::Display for Cmp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cmp::Eq(n) => write!(f, "{n:#x}"),
+            Cmp::Ne(n) => write!(f, "!={n:#x}"),
+            Cmp::Gt(n) => write!(f, ">{n:#x}"),
+            Cmp::Ge(n) => write!(f, ">={n:#x}"),
+            Cmp::Lt(n) => write!(f, "<{n:#x}"),
+            Cmp::Le(n) => write!(f, "<={n:#x}"),
+            Cmp::Range(a, b) => write!(f, "{a:#x}..{b:#x}"),
+        }
+    }
 }
 
 const GPR_NAMES: [&str; 16] = [
@@ -602,6 +789,9 @@ fn io_qual(q: &IoQual) -> Result<(u64, u64), String> {
 /// `VMfailInvalid`, `VMfailValid(n)`, `fault(#UD)` -> the results code.
 fn outcome_code(s: &str) -> Option<u32> {
     let s = s.trim();
+    if s == "VMsucceed" {
+        return Some(0);
+    }
     if s == "VMfailInvalid" {
         return Some(1);
     }
@@ -617,6 +807,13 @@ fn outcome_code(s: &str) -> Option<u32> {
         "fault(#SS)" => Some(0x20c),
         "fault(#PF)" => Some(0x20e),
         _ => None,
+    }
+}
+
+fn op_outcome_text(code: u32) -> String {
+    match code {
+        0 => "VMsucceed".into(),
+        c => outcome_text(c),
     }
 }
 
@@ -846,6 +1043,7 @@ pub fn compile(text: &str, file: &Path) -> Result<Compiled, ScenarioError> {
         if let Some(v) = v {
             writes.push(lay::VmcsWrite {
                 encoding: f.encoding(),
+                mode: lay::WRITE_SET,
                 value: cx.value(v)?,
             });
         }
@@ -853,9 +1051,14 @@ pub fn compile(text: &str, file: &Path) -> Result<Compiled, ScenarioError> {
     for w in &l1.vmcs {
         writes.push(lay::VmcsWrite {
             encoding: cx.field(&w.field)?,
+            mode: write_mode(&cx, w)?,
             value: cx.value(&w.value)?,
         });
     }
+    let lapic_timer = match &l1.lapic_timer {
+        None => lay::LapicTimer::default(),
+        Some(t) => lapic_timer(&cx, t)?,
+    };
     let mut actions = Vec::new();
     for a in &l1.on_exit {
         let reason = cx.reason(&a.reason)?;
@@ -906,11 +1109,18 @@ pub fn compile(text: &str, file: &Path) -> Result<Compiled, ScenarioError> {
         }
         if let Some(s) = &a.set {
             act.flags |= lay::ACT_SET_FIELD;
+            act.flags |= match write_mode(&cx, s)? {
+                lay::WRITE_OR => lay::ACT_SET_OR,
+                lay::WRITE_CLEAR => lay::ACT_SET_CLEAR,
+                _ => 0,
+            };
             act.field = cx.field(&s.field)?;
             act.value = cx.value(&s.value)?;
         }
         actions.push(act);
     }
+    let (ops, want_ops) = compile_vmx_ops(&cx, &l1.vmx)?;
+    let (ranges, memory) = compile_memory(&cx, &sf.expect.memory)?;
     let mut gprs = [0u64; 16];
     for (name, v) in &sf.l2.registers {
         let i = gpr_index(name)
@@ -953,6 +1163,12 @@ pub fn compile(text: &str, file: &Path) -> Result<Compiled, ScenarioError> {
     let holes_t = table(&mut blob, &holes_b, holes.len());
     let io_t = table(&mut blob, &io, io.len());
     let msr_t = table(&mut blob, &msr, msr.len());
+    let ops_b = enc(ops.len(), lay::VMX_OP_LEN, &|i, c| ops[i].encode(c));
+    let ops_t = table(&mut blob, &ops_b, ops.len());
+    let mem_b = enc(ranges.len(), lay::MEM_RANGE_LEN, &|i, c| {
+        ranges[i].encode(c)
+    });
+    let mem_t = table(&mut blob, &mem_b, ranges.len());
     if blob.len() > lay::SCENARIO_MAX {
         return Err(pre.err(
             0..0,
@@ -983,6 +1199,9 @@ pub fn compile(text: &str, file: &Path) -> Result<Compiled, ScenarioError> {
         io_bitmaps: io_t,
         msr_bitmap: msr_t,
         gprs,
+        vmx_ops: ops_t,
+        memory: mem_t,
+        lapic_timer,
     };
     header.encode(&mut blob);
     // Expectations.
@@ -1001,6 +1220,18 @@ pub fn compile(text: &str, file: &Path) -> Result<Compiled, ScenarioError> {
                     }),
                 };
                 let opt = |v: &Option<Spanned<Value>>| v.as_ref().map(|v| cx.value(v)).transpose();
+                let preemption_timer = match &e.preemption_timer {
+                    None => None,
+                    Some(v) => Some(match v.get_ref() {
+                        Value::Num(n) => Cmp::Eq(*n as u64),
+                        Value::Str(s) => Cmp::parse(s).ok_or_else(|| {
+                            cx.err(
+                                v.span(),
+                                format!("preemption_timer `{s}`: use a number, \"> N\", \">= N\", \"< N\", \"<= N\", \"!= N\" or \"A..B\""),
+                            )
+                        })?,
+                    }),
+                };
                 out.push(WantExit {
                     reason: basic | if e.entry_failure { 1 << 31 } else { 0 },
                     qualification,
@@ -1009,6 +1240,9 @@ pub fn compile(text: &str, file: &Path) -> Result<Compiled, ScenarioError> {
                     intr_info: opt(&e.intr_info)?.map(|v| v as u32),
                     gpa: opt(&e.gpa)?,
                     gla: opt(&e.gla)?,
+                    error_code: opt(&e.error_code)?.map(|v| v as u32),
+                    preemption_timer,
+                    activity_state: e.activity_state,
                 });
             }
             Some(out)
@@ -1055,7 +1289,270 @@ pub fn compile(text: &str, file: &Path) -> Result<Compiled, ScenarioError> {
         registers,
         console: ex.console.clone(),
         vmx_outcome,
+        vmx_ops: want_ops,
+        memory,
     })
+}
+
+/// `mode` of a VMCS write: `write` (default), `or`, `clear`.
+fn write_mode(cx: &Ctx<'_>, w: &FieldWrite) -> Result<u32, ScenarioError> {
+    match w.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+        None | Some(("write", _)) => Ok(lay::WRITE_SET),
+        Some(("or", _)) => Ok(lay::WRITE_OR),
+        Some(("clear", _)) => Ok(lay::WRITE_CLEAR),
+        Some((other, span)) => Err(cx.err(
+            span,
+            format!("mode `{other}`: use \"write\", \"or\" or \"clear\""),
+        )),
+    }
+}
+
+/// `[l1] lapic_timer` -> the registers L1 writes (one-shot, SDM 11.5.4).
+fn lapic_timer(cx: &Ctx<'_>, t: &LapicTimerSpec) -> Result<lay::LapicTimer, ScenarioError> {
+    let vector = *t.vector.get_ref();
+    if !(16..=255).contains(&vector) {
+        return Err(cx.err(
+            t.vector.span(),
+            format!("lapic_timer vector {vector}: use 16-255 (0-15 are illegal APIC vectors)"),
+        ));
+    }
+    // Figure 11-10: bits 3, 1:0 of TDCR; 0b111 divides by 1.
+    let tdcr = match t.divide.as_ref().map(|d| (*d.get_ref(), d.span())) {
+        None | Some((1, _)) => 0xb,
+        Some((2, _)) => 0x0,
+        Some((4, _)) => 0x1,
+        Some((8, _)) => 0x2,
+        Some((16, _)) => 0x3,
+        Some((32, _)) => 0x8,
+        Some((64, _)) => 0x9,
+        Some((128, _)) => 0xa,
+        Some((d, span)) => {
+            return Err(cx.err(
+                span,
+                format!("lapic_timer divide {d}: use 1, 2, 4, 8, 16, 32, 64 or 128"),
+            ))
+        }
+    };
+    Ok(lay::LapicTimer {
+        armed: 1,
+        lvt: vector,
+        tdcr,
+        tmict: t.count,
+    })
+}
+
+/// The memory operand of a VMX op: `vmcs+0x10`, `vmxon`, a number, a label.
+fn op_address(cx: &Ctx<'_>, v: &Spanned<Value>) -> Result<(u32, u64), ScenarioError> {
+    if let Value::Str(s) = v.get_ref() {
+        let t = s.trim();
+        for (base, name) in lay::BASE_NAMES.iter().enumerate().skip(1) {
+            let Some(rest) = t.strip_prefix(name) else {
+                continue;
+            };
+            let rest = rest.trim();
+            let off = if rest.is_empty() {
+                Some(0)
+            } else if let Some(n) = rest.strip_prefix('+') {
+                parse_num(n)
+            } else {
+                rest.strip_prefix('-')
+                    .and_then(parse_num)
+                    .map(u64::wrapping_neg)
+            };
+            if let Some(off) = off {
+                return Ok((base as u32, off));
+            }
+        }
+    }
+    Ok((lay::BASE_ABSOLUTE, cx.value(v)?))
+}
+
+fn compile_vmx_ops(
+    cx: &Ctx<'_>,
+    specs: &[VmxOpSpec],
+) -> Result<(Vec<lay::VmxOp>, Vec<WantOp>), ScenarioError> {
+    let mut ops = Vec::new();
+    let mut want = Vec::new();
+    for o in specs {
+        let name = o.op.get_ref().to_ascii_lowercase();
+        let op = lay::OP_NAMES
+            .iter()
+            .position(|n| *n == name)
+            .ok_or_else(|| {
+                cx.err(
+                    o.op.span(),
+                    format!(
+                        "unknown VMX op `{name}`; use one of {}",
+                        lay::OP_NAMES.join(", ")
+                    ),
+                )
+            })? as u32;
+        let phase = match &o.phase {
+            None => lay::PHASE_LAUNCH,
+            Some(p) => lay::PHASE_NAMES
+                .iter()
+                .position(|n| *n == p.get_ref().as_str())
+                .ok_or_else(|| cx.err(p.span(), "phase: use \"setup\", \"launch\" or \"end\""))?
+                as u32,
+        };
+        fn need<'v>(
+            cx: &Ctx<'_>,
+            o: &VmxOpSpec,
+            v: &'v Option<Spanned<Value>>,
+            what: &str,
+        ) -> Result<&'v Spanned<Value>, ScenarioError> {
+            v.as_ref().ok_or_else(|| {
+                cx.err(
+                    o.op.span(),
+                    format!("VMX op `{}` needs `{what}`", o.op.get_ref()),
+                )
+            })
+        }
+        let mut rec = lay::VmxOp {
+            op,
+            phase,
+            base: lay::BASE_ABSOLUTE,
+            a: 0,
+            b: 0,
+            c: 0,
+        };
+        let mut what = name.clone();
+        match op {
+            lay::OP_VMXON | lay::OP_VMCLEAR | lay::OP_VMPTRLD => {
+                let a = need(cx, o, &o.address, "address")?;
+                (rec.base, rec.a) = op_address(cx, a)?;
+                let shown = match a.get_ref() {
+                    Value::Num(n) => format!("{n:#x}"),
+                    Value::Str(s) => s.clone(),
+                };
+                let _ = write!(what, " {shown}");
+            }
+            lay::OP_VMREAD | lay::OP_VMWRITE => {
+                let f = need(cx, o, &o.field, "field")?;
+                rec.a = u64::from(cx.field(f)?);
+                let shown = match f.get_ref() {
+                    Value::Num(n) => format!("{n:#x}"),
+                    Value::Str(s) => s.clone(),
+                };
+                let _ = write!(what, " {shown}");
+                if op == lay::OP_VMWRITE {
+                    rec.b = cx.value(need(cx, o, &o.value, "value")?)?;
+                    let _ = write!(what, " <- {:#x}", rec.b);
+                }
+            }
+            lay::OP_INVEPT | lay::OP_INVVPID => {
+                rec.a = cx.value(need(cx, o, &o.kind, "type")?)?;
+                let d = o.descriptor.as_deref().unwrap_or(&[]);
+                if d.len() > 2 {
+                    return Err(cx.err(o.op.span(), "descriptor: at most two quadwords"));
+                }
+                if let Some(v) = d.first() {
+                    rec.b = cx.value(v)?;
+                }
+                if let Some(v) = d.get(1) {
+                    rec.c = cx.value(v)?;
+                }
+                let _ = write!(what, " type {} [{:#x}, {:#x}]", rec.a, rec.b, rec.c);
+            }
+            _ => {}
+        }
+        let outcome = outcome_code(o.expect.get_ref()).ok_or_else(|| {
+            cx.err(
+                o.expect.span(),
+                "expect: VMsucceed, VMfailInvalid, VMfailValid(N) or fault(#UD|#GP|#SS|#PF)",
+            )
+        })?;
+        let value = o.result.as_ref().map(|v| cx.value(v)).transpose()?;
+        let _ = write!(
+            what,
+            " ({}, line {})",
+            lay::PHASE_NAMES[phase as usize],
+            line_of(cx.text, o.op.span())
+        );
+        ops.push(rec);
+        want.push(WantOp {
+            what,
+            outcome,
+            value,
+        });
+    }
+    if ops.len() > lay::MAX_VMX_OPS {
+        return Err(cx.err(
+            0..0,
+            format!("{} VMX ops: at most {}", ops.len(), lay::MAX_VMX_OPS),
+        ));
+    }
+    Ok((ops, want))
+}
+
+fn compile_memory(
+    cx: &Ctx<'_>,
+    specs: &[MemSpec],
+) -> Result<(Vec<lay::MemRange>, Vec<WantMem>), ScenarioError> {
+    let mut ranges = Vec::new();
+    let mut want = Vec::new();
+    let mut total = 0usize;
+    for m in specs {
+        let addr = cx.value(&m.address)?;
+        let mut forms: Vec<Vec<u8>> = Vec::new();
+        if let Some(b) = &m.bytes {
+            forms.push(b.clone());
+        }
+        if let Some(t) = &m.text {
+            forms.push(t.as_bytes().to_vec());
+        }
+        for (v, n) in [(&m.word, 2), (&m.dword, 4), (&m.qword, 8)] {
+            if let Some(v) = v {
+                forms.push(cx.value(v)?.to_le_bytes()[..n].to_vec());
+            }
+        }
+        let bytes = match forms.len() {
+            1 => forms.remove(0),
+            _ => {
+                return Err(cx.err(
+                    m.address.span(),
+                    "memory: give exactly one of `bytes`, `text`, `word`, `dword`, `qword`",
+                ))
+            }
+        };
+        if bytes.is_empty()
+            || addr
+                .checked_add(bytes.len() as u64)
+                .is_none_or(|e| e > lay::CODE_END)
+        {
+            return Err(cx.err(
+                m.address.span(),
+                format!(
+                    "memory at {addr:#x}: the range must be non-empty and below {:#x}",
+                    lay::CODE_END
+                ),
+            ));
+        }
+        total += bytes.len();
+        if total > lay::RESULTS_MEMORY_MAX {
+            return Err(cx.err(
+                m.address.span(),
+                format!("memory: at most {} bytes in all", lay::RESULTS_MEMORY_MAX),
+            ));
+        }
+        let what = match m.address.get_ref() {
+            Value::Num(n) => format!("{n:#x}"),
+            Value::Str(s) => format!("{s} = {addr:#x}"),
+        };
+        ranges.push(lay::MemRange {
+            addr,
+            len: bytes.len() as u32,
+        });
+        want.push(WantMem { addr, what, bytes });
+    }
+    Ok((ranges, want))
+}
+
+fn hex_bytes(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The built-in L1 image with the scenario appended so that a Multiboot
@@ -1155,7 +1652,7 @@ fn show_exit(r: &lay::ExitRecord, labels: &BTreeMap<String, u64>) -> String {
             }
         })
         .unwrap_or_default();
-    format!(
+    let mut s = format!(
         "reason={} ({}){} qual={:#x} rip={:#x}{} len={} intr_info={:#x} gpa={:#x} gla={:#x}",
         r.reason & 0xffff,
         reason_name(r.reason as u16),
@@ -1171,7 +1668,18 @@ fn show_exit(r: &lay::ExitRecord, labels: &BTreeMap<String, u64>) -> String {
         r.intr_info,
         r.gpa,
         r.gla
-    )
+    );
+    // Shown when not 0 (most exits), to keep the common line short.
+    for (name, v) in [
+        ("error_code", r.intr_error),
+        ("preemption_timer", r.preemption_timer),
+        ("activity", r.activity_state),
+    ] {
+        if v != 0 {
+            let _ = write!(s, " {name}={v:#x}");
+        }
+    }
+    s
 }
 
 fn show_want(w: &WantExit) -> String {
@@ -1207,6 +1715,15 @@ fn show_want(w: &WantExit) -> String {
     if let Some(g) = w.gla {
         let _ = write!(s, " gla={g:#x}");
     }
+    if let Some(e) = w.error_code {
+        let _ = write!(s, " error_code={e:#x}");
+    }
+    if let Some(t) = w.preemption_timer {
+        let _ = write!(s, " preemption_timer={t}");
+    }
+    if let Some(a) = w.activity_state {
+        let _ = write!(s, " activity={a:#x}");
+    }
     s
 }
 
@@ -1219,6 +1736,10 @@ fn exit_matches(w: &WantExit, r: &lay::ExitRecord) -> bool {
         && w.intr_info.is_none_or(|x| x == r.intr_info)
         && w.gpa.is_none_or(|x| x == r.gpa)
         && w.gla.is_none_or(|x| x == r.gla)
+        && w.error_code.is_none_or(|x| x == r.intr_error)
+        && w.preemption_timer
+            .is_none_or(|c| c.matches(r.preemption_timer.into()))
+        && w.activity_state.is_none_or(|x| x == r.activity_state)
 }
 
 /// What a run observed, for [`compare`].
@@ -1312,6 +1833,65 @@ pub fn compare(c: &Compiled, obs: &Observed) -> (Vec<lay::ExitRecord>, String) {
             let _ = writeln!(
                 diff,
                 "  console: - expected {want:?}\n           + observed {got:?}"
+            );
+        }
+    }
+    for (i, w) in c.vmx_ops.iter().enumerate() {
+        let o = lay::op_result_offset(i);
+        let r = lay::OpResult::decode(obs.results.get(o..o + lay::OP_RESULT_LEN).unwrap_or(&[]));
+        if r.done == 0 {
+            let _ = writeln!(
+                diff,
+                "  vmx op #{i} {}: - expected {}, + not executed (its phase never came; see the log)",
+                w.what,
+                op_outcome_text(w.outcome)
+            );
+            continue;
+        }
+        if r.outcome != w.outcome {
+            let _ = writeln!(
+                diff,
+                "  vmx op #{i} {}: - expected {}, + observed {}",
+                w.what,
+                op_outcome_text(w.outcome),
+                op_outcome_text(r.outcome)
+            );
+        }
+        if let Some(v) = w.value.filter(|v| *v != r.value) {
+            let _ = writeln!(
+                diff,
+                "  vmx op #{i} {} result: - expected {v:#x}, + observed {:#x}",
+                w.what, r.value
+            );
+        }
+    }
+    let mut at = lay::RESULTS_MEMORY_OFF;
+    for w in &c.memory {
+        let end = at + w.bytes.len();
+        let copied = at - lay::RESULTS_MEMORY_OFF + w.bytes.len() <= header.memory_len as usize;
+        let got = obs.results.get(at..end).unwrap_or(&[]);
+        at = end;
+        if !copied {
+            let _ = writeln!(
+                diff,
+                "  memory at {}: not copied by L1 (the run ended before L1 finished)",
+                w.what
+            );
+        } else if got != w.bytes.as_slice() {
+            let marks: String = w
+                .bytes
+                .iter()
+                .zip(got)
+                .map(|(a, b)| if a == b { "   " } else { "^^ " })
+                .collect();
+            let _ = writeln!(
+                diff,
+                "  memory at {}, {} bytes (- expected, + observed):\n  -  {}\n  +  {}\n     {}",
+                w.what,
+                w.bytes.len(),
+                hex_bytes(&w.bytes),
+                hex_bytes(got),
+                marks.trim_end()
             );
         }
     }
@@ -1640,6 +2220,451 @@ mod tests {
             "{lines:?}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn test_vmx_ops_are_encoded_and_checked() {
+        let text = format!(
+            "{MINIMAL}[l1]\nvmx = [\n\
+             {{ op = \"vmclear\", address = \"vmcs+0x10\", expect = \"VMfailValid(2)\" }},\n\
+             {{ op = \"vmread\", phase = \"end\", field = \"VM_INSTRUCTION_ERROR\", expect = \"VMsucceed\", result = 2 }},\n\
+             {{ op = \"invept\", phase = \"setup\", type = 1, descriptor = [7, 9], expect = \"VMfailInvalid\" }},\n]\n"
+        );
+        let c = compile_str(&text).unwrap();
+        let h = lay::Header::decode(&c.blob).unwrap();
+        let ops: Vec<lay::VmxOp> = lay::Header::bytes(&c.blob, h.vmx_ops, lay::VMX_OP_LEN)
+            .chunks_exact(lay::VMX_OP_LEN)
+            .map(lay::VmxOp::decode)
+            .collect();
+        assert_eq!(ops.len(), 3);
+        assert_eq!(
+            (ops[0].op, ops[0].phase, ops[0].base, ops[0].a),
+            (lay::OP_VMCLEAR, lay::PHASE_LAUNCH, lay::BASE_VMCS, 0x10)
+        );
+        assert_eq!(
+            (ops[1].op, ops[1].phase, ops[1].a),
+            (
+                lay::OP_VMREAD,
+                lay::PHASE_END,
+                u64::from(VmcsField::VM_INSTRUCTION_ERROR.encoding())
+            )
+        );
+        assert_eq!((ops[2].a, ops[2].b, ops[2].c), (1, 7, 9));
+        assert_eq!(c.vmx_ops[0].outcome, 0x102);
+        assert_eq!(c.vmx_ops[1].value, Some(2));
+        // Observed: op 0 as expected, op 1 read 3, op 2 never ran.
+        let mut area = vec![0u8; lay::RESULTS_LEN];
+        lay::ResultsHeader::default().encode(&mut area);
+        let put = |area: &mut Vec<u8>, i: usize, r: lay::OpResult| {
+            r.encode(&mut area[lay::op_result_offset(i)..]);
+        };
+        put(
+            &mut area,
+            0,
+            lay::OpResult {
+                done: 1,
+                outcome: 0x102,
+                value: 0,
+            },
+        );
+        put(
+            &mut area,
+            1,
+            lay::OpResult {
+                done: 1,
+                outcome: 0,
+                value: 3,
+            },
+        );
+        let (_, diff) = compare(
+            &c,
+            &Observed {
+                results: area.clone(),
+                ..Default::default()
+            },
+        );
+        assert!(!diff.contains("#0"), "{diff}");
+        assert!(
+            diff.contains("vmx op #1 vmread VM_INSTRUCTION_ERROR (end, line 10) result: - expected 0x2, + observed 0x3"),
+            "{diff}"
+        );
+        assert!(diff.contains("vmx op #2 invept type 1 [0x7, 0x9] (setup, line 11): - expected VMfailInvalid, + not executed"), "{diff}");
+        put(
+            &mut area,
+            1,
+            lay::OpResult {
+                done: 1,
+                outcome: 0,
+                value: 2,
+            },
+        );
+        put(
+            &mut area,
+            2,
+            lay::OpResult {
+                done: 1,
+                outcome: 1,
+                value: 0,
+            },
+        );
+        let (_, diff) = compare(
+            &c,
+            &Observed {
+                results: area,
+                ..Default::default()
+            },
+        );
+        assert!(diff.is_empty(), "{diff}");
+    }
+
+    #[test]
+    fn test_bad_vmx_ops_are_rejected_with_their_line() {
+        for (op, msg) in [
+            (
+                "{ op = \"vmfrob\", expect = \"VMsucceed\" }",
+                "unknown VMX op",
+            ),
+            (
+                "{ op = \"vmclear\", expect = \"VMsucceed\" }",
+                "needs `address`",
+            ),
+            (
+                "{ op = \"vmread\", expect = \"VMsucceed\" }",
+                "needs `field`",
+            ),
+            ("{ op = \"vmxoff\", expect = \"maybe\" }", "expect:"),
+            (
+                "{ op = \"vmxoff\", phase = \"later\", expect = \"VMsucceed\" }",
+                "phase",
+            ),
+            (
+                "{ op = \"vmread\", field = \"NOPE\", expect = \"VMsucceed\" }",
+                "unknown VMCS field",
+            ),
+        ] {
+            let e = compile_str(&format!("{MINIMAL}[l1]\nvmx = [\n{op},\n]\n")).unwrap_err();
+            assert_eq!(e.line, 9, "{e}");
+            assert!(e.message.contains(msg), "{msg}: {e}");
+        }
+    }
+
+    #[test]
+    fn test_memory_expectations_are_encoded_and_diffed() {
+        let c = compile_str(&format!(
+            "{MINIMAL}[expect]\nmemory = [{{ address = \"start\", bytes = [0xe6, 0x80] }}, {{ address = 0x600000, dword = 0x11223344 }}]\n"
+        ))
+        .unwrap();
+        let h = lay::Header::decode(&c.blob).unwrap();
+        let r = lay::MemRange::decode(lay::Header::bytes(&c.blob, h.memory, lay::MEM_RANGE_LEN));
+        assert_eq!((r.addr, r.len), (lay::DEFAULT_CODE_ADDR, 2));
+        assert_eq!(c.memory[1].bytes, [0x44, 0x33, 0x22, 0x11]);
+        let mut area = vec![0u8; lay::RESULTS_LEN];
+        let mut hd = lay::ResultsHeader {
+            memory_len: 6,
+            ..Default::default()
+        };
+        hd.encode(&mut area);
+        let m = lay::RESULTS_MEMORY_OFF;
+        area[m..m + 6].copy_from_slice(&[0xe6, 0x80, 0x44, 0x33, 0x22, 0x11]);
+        let (_, diff) = compare(
+            &c,
+            &Observed {
+                results: area.clone(),
+                ..Default::default()
+            },
+        );
+        assert!(diff.is_empty(), "{diff}");
+        area[m + 3] = 0x99;
+        let (_, diff) = compare(
+            &c,
+            &Observed {
+                results: area.clone(),
+                ..Default::default()
+            },
+        );
+        assert!(
+            diff.contains("memory at 0x600000, 4 bytes (- expected, + observed):\n  -  44 33 22 11\n  +  44 99 22 11\n        ^^"),
+            "{diff}"
+        );
+        hd.memory_len = 2;
+        hd.encode(&mut area);
+        let (_, diff) = compare(
+            &c,
+            &Observed {
+                results: area,
+                ..Default::default()
+            },
+        );
+        assert!(diff.contains("not copied by L1"), "{diff}");
+        for (spec, msg) in [
+            ("{ address = 0x600000 }", "exactly one"),
+            (
+                "{ address = 0x600000, bytes = [1], text = \"a\" }",
+                "exactly one",
+            ),
+            ("{ address = 0x7fffff, dword = 1 }", "below"),
+        ] {
+            let e = compile_str(&format!("{MINIMAL}[expect]\nmemory = [{spec}]\n")).unwrap_err();
+            assert!(e.message.contains(msg), "{msg}: {e}");
+        }
+    }
+
+    #[test]
+    fn test_cmp_parses_numbers_comparisons_and_ranges() {
+        assert_eq!(Cmp::parse("0x10"), Some(Cmp::Eq(16)));
+        assert_eq!(Cmp::parse("> 0"), Some(Cmp::Gt(0)));
+        assert_eq!(Cmp::parse(">=5"), Some(Cmp::Ge(5)));
+        assert_eq!(Cmp::parse("< 0x100"), Some(Cmp::Lt(0x100)));
+        assert_eq!(Cmp::parse("<= 7"), Some(Cmp::Le(7)));
+        assert_eq!(Cmp::parse("!= 0"), Some(Cmp::Ne(0)));
+        assert_eq!(Cmp::parse("1..0x10"), Some(Cmp::Range(1, 16)));
+        assert_eq!(Cmp::parse("5..1"), None, "empty range");
+        assert_eq!(Cmp::parse("> x"), None);
+        assert_eq!(Cmp::parse("soon"), None);
+        assert!(Cmp::Gt(0).matches(1) && !Cmp::Gt(0).matches(0));
+        assert!(Cmp::Range(1, 3).matches(3) && !Cmp::Range(1, 3).matches(4));
+        assert!(Cmp::Ne(2).matches(3) && !Cmp::Ne(2).matches(2));
+        assert!(Cmp::Le(2).matches(2) && !Cmp::Lt(2).matches(2));
+        assert_eq!(Cmp::Range(1, 16).to_string(), "0x1..0x10");
+    }
+
+    #[test]
+    fn test_timer_fields_lapic_timer_and_write_modes_are_encoded_and_checked() {
+        let text = format!(
+            "{MINIMAL}[l1]\nlapic_timer = {{ vector = 0x40, count = 5000, divide = 16 }}\n\
+             vmcs = [{{ field = \"CPU_BASED_VM_EXEC_CONTROL\", value = 0x8000000, mode = \"or\" }}]\n\
+             on_exit = [{{ reason = \"monitor-trap-flag\", action = \"resume\", set = {{ field = \"CPU_BASED_VM_EXEC_CONTROL\", value = 0x8000000, mode = \"clear\" }} }}]\n\
+             [expect]\nl1_exits = [{{ reason = \"preemption-timer\", preemption_timer = \"> 0\", activity_state = 1, error_code = 3 }}]\n"
+        );
+        let c = compile_str(&text).unwrap();
+        let h = lay::Header::decode(&c.blob).unwrap();
+        assert_eq!(
+            h.lapic_timer,
+            lay::LapicTimer {
+                armed: 1,
+                lvt: 0x40,
+                tdcr: 0x3,
+                tmict: 5000
+            }
+        );
+        let w = lay::VmcsWrite::decode(lay::Header::bytes(&c.blob, h.writes, lay::WRITE_LEN));
+        assert_eq!((w.mode, w.value), (lay::WRITE_OR, 0x800_0000));
+        let a = lay::Action::decode(lay::Header::bytes(&c.blob, h.actions, lay::ACTION_LEN));
+        assert_eq!(
+            a.flags,
+            lay::ACT_SET_FIELD | lay::ACT_SET_CLEAR,
+            "clear is a modifier of set"
+        );
+        assert_eq!(a.value, 0x800_0000);
+        // Without `lapic_timer` L1 leaves its APIC alone.
+        let plain = lay::Header::decode(&compile_str(MINIMAL).unwrap().blob).unwrap();
+        assert_eq!(plain.lapic_timer.armed, 0);
+        let mut area = vec![0u8; lay::RESULTS_LEN];
+        lay::ResultsHeader {
+            exits: 1,
+            ..Default::default()
+        }
+        .encode(&mut area);
+        let mut rec = lay::ExitRecord {
+            reason: 52,
+            preemption_timer: 0x1234,
+            activity_state: 1,
+            intr_error: 3,
+            ..Default::default()
+        };
+        rec.encode(&mut area[lay::exit_record_offset(0)..]);
+        let obs = |area: &Vec<u8>| Observed {
+            results: area.clone(),
+            ..Default::default()
+        };
+        assert!(compare(&c, &obs(&area)).1.is_empty());
+        rec.preemption_timer = 0;
+        rec.activity_state = 0;
+        rec.encode(&mut area[lay::exit_record_offset(0)..]);
+        let (_, diff) = compare(&c, &obs(&area));
+        assert!(
+            diff.contains("-  #0 reason=52 (preemption-timer) error_code=0x3 preemption_timer=>0x0 activity=0x1"),
+            "{diff}"
+        );
+        assert!(diff.contains("+  #0 reason=52 (preemption-timer) qual=0x0 rip=0x0 len=0 intr_info=0x0 gpa=0x0 gla=0x0 error_code=0x3\n"), "{diff}");
+    }
+
+    #[test]
+    fn test_bad_timer_fields_are_rejected_with_their_line() {
+        for (l1, msg) in [
+            ("lapic_timer = { vector = 3, count = 1 }", "16-255"),
+            (
+                "lapic_timer = { vector = 64, count = 1, divide = 3 }",
+                "divide 3",
+            ),
+            (
+                "vmcs = [{ field = \"GUEST_RIP\", value = 1, mode = \"xor\" }]",
+                "mode `xor`",
+            ),
+        ] {
+            let e = compile_str(&format!("{MINIMAL}[l1]\n{l1}\n")).unwrap_err();
+            assert_eq!(e.line, 8, "{e}");
+            assert!(e.message.contains(msg), "{msg}: {e}");
+        }
+        let e = compile_str(&format!(
+            "{MINIMAL}[expect]\nl1_exits = [{{ reason = 52, preemption_timer = \"about 3\" }}]\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.line, 8, "{e}");
+        assert!(e.message.contains("preemption_timer `about 3`"), "{e}");
+    }
+
+    /// The rows between `<!-- NAME:begin -->` and `<!-- NAME:end -->` of
+    /// docs/scenarios.md, split into trimmed cells.
+    fn doc_table(name: &str) -> Vec<Vec<String>> {
+        let doc = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/scenarios.md"),
+        )
+        .unwrap();
+        let begin = format!("<!-- {name}:begin -->");
+        let end = format!("<!-- {name}:end -->");
+        let start = doc
+            .find(&begin)
+            .unwrap_or_else(|| panic!("{begin} missing"));
+        let stop = doc.find(&end).unwrap_or_else(|| panic!("{end} missing"));
+        doc[start + begin.len()..stop]
+            .lines()
+            .filter(|l| l.starts_with('|') && !l.starts_with("| ---") && !l.starts_with("| #"))
+            .map(|l| {
+                l.trim_matches('|')
+                    .split('|')
+                    .map(|c| c.trim().to_string())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The scenario names quoted in a table cell (`name`); none in a cell
+    /// that starts with `n/a` or `gap` (it may quote files as examples).
+    fn cell_files(cell: &str) -> Vec<String> {
+        if cell.starts_with("n/a") || cell.starts_with("gap") {
+            return Vec::new();
+        }
+        cell.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn compile_suite_file(stem: &str) -> Compiled {
+        let path = scenarios_dir().join(format!("{stem}.toml"));
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("coverage table names {}: {e}", path.display()));
+        compile(&text, &path).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn test_coverage_table_matches_the_suite_and_the_exit_matrix() {
+        let rows = doc_table("coverage");
+        assert!(rows.len() >= 10, "{rows:?}");
+        let mut listed = std::collections::BTreeSet::new();
+        for row in &rows {
+            let [num, _, reflected, by_l0] = row.as_slice() else {
+                panic!("coverage row needs 4 cells: {row:?}");
+            };
+            let reason: u16 = num.parse().unwrap_or_else(|_| panic!("bad reason {num}"));
+            listed.insert(reason);
+            for (cell, l0) in [(reflected, false), (by_l0, true)] {
+                let files = cell_files(cell);
+                if files.is_empty() {
+                    assert!(
+                        cell.starts_with("n/a") || cell.starts_with("gap"),
+                        "reason {reason}: a cell without scenarios must say `n/a` or `gap` and why: {cell:?}"
+                    );
+                }
+                for f in files {
+                    let c = compile_suite_file(&f);
+                    let ok = if l0 {
+                        c.l0_exits.iter().any(|(r, n)| *r == reason && *n > 0)
+                    } else {
+                        c.l1_exits
+                            .iter()
+                            .flatten()
+                            .any(|w| w.reason & 0xffff == u32::from(reason))
+                    };
+                    assert!(
+                        ok,
+                        "{f}.toml does not expect exit {reason} {}",
+                        if l0 {
+                            "handled by L0 (l0_exits, count > 0)"
+                        } else {
+                            "in l1_exits"
+                        }
+                    );
+                }
+            }
+        }
+        // Every reason docs/exit-matrix.md marks supported has a row.
+        let matrix = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/exit-matrix.md"),
+        )
+        .unwrap();
+        for line in matrix.lines() {
+            let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+            if let (Some(n), Some(sup)) = (cells.first(), cells.get(2)) {
+                if let (Ok(n), true) = (n.parse::<u16>(), sup.starts_with("yes")) {
+                    assert!(
+                        listed.contains(&n),
+                        "exit {n} is supported in docs/exit-matrix.md but has no row in the coverage table of docs/scenarios.md"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn test_vmx_error_table_covers_every_error_the_model_produces() {
+        use vmcs12::VmInstructionError;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let sources: String = [
+            "vmcs12/src/vmx.rs",
+            "vmcs12/src/entry.rs",
+            "l0-vmm/src/vmx_emul.rs",
+        ]
+        .iter()
+        .map(|f| std::fs::read_to_string(root.join(f)).unwrap_or_default())
+        .collect();
+        let mut rows = BTreeMap::new();
+        for row in doc_table("vmx-errors") {
+            let n: u32 = row[0]
+                .parse()
+                .unwrap_or_else(|_| panic!("bad error {row:?}"));
+            rows.insert(n, row[2].clone());
+        }
+        for n in 1..64 {
+            let Some(e) = VmInstructionError::from_number(n) else {
+                continue;
+            };
+            let produced = sources.contains(&format!("VmInstructionError::{e:?}"));
+            let Some(cell) = rows.get(&n) else {
+                assert!(
+                    !produced,
+                    "VMfailValid({n}) ({e:?}) is produced but not in the vmx-errors table"
+                );
+                continue;
+            };
+            let files = cell_files(cell);
+            if files.is_empty() {
+                assert!(
+                    !produced && (cell.starts_with("n/a") || cell.starts_with("gap")),
+                    "VMfailValid({n}): produced by the model, so it needs a scenario: {cell:?}"
+                );
+            }
+            for f in files {
+                let c = compile_suite_file(&f);
+                let want = 0x100 | n;
+                assert!(
+                    c.vmx_outcome == Some(want) || c.vmx_ops.iter().any(|o| o.outcome == want),
+                    "{f}.toml does not expect VMfailValid({n})"
+                );
+            }
+        }
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub const CODE_MIN: u64 = 0x1000;
 pub const CODE_END: u64 = 0x80_0000;
 
 /// Header length of an encoded scenario.
-pub const HEADER_LEN: usize = 240;
+pub const HEADER_LEN: usize = 272;
 /// Length of one [`Action`].
 pub const ACTION_LEN: usize = 48;
 /// Length of one [`VmcsWrite`].
@@ -43,6 +43,10 @@ pub const HOLE_LEN: usize = 16;
 pub const IO_BITMAPS_LEN: usize = 8192;
 /// Bytes of the MSR bitmap.
 pub const MSR_BITMAP_LEN: usize = 4096;
+/// Length of one [`VmxOp`].
+pub const VMX_OP_LEN: usize = 40;
+/// Length of one [`MemRange`].
+pub const MEM_RANGE_LEN: usize = 16;
 
 /// Header flag: L1 builds its identity EPT (first 8 MiB, RWX) with the
 /// scenario's holes and enables EPT.
@@ -199,10 +203,46 @@ pub struct Header {
     /// Initial GPRs in encoding order (RAX, RCX, RDX, RBX, RSP, RBP, RSI,
     /// RDI, R8-R15); RSP 0 means L1's default L2 stack.
     pub gprs: [u64; 16],
+    /// [`VmxOp`]s L1 executes itself (at the phase each names).
+    pub vmx_ops: Table,
+    /// [`MemRange`]s L1 copies into the results area after the run.
+    pub memory: Table,
+    /// L1's local-APIC timer, armed right before the first VMLAUNCH.
+    pub lapic_timer: LapicTimer,
 }
+
+/// L1's local-APIC timer for the run (`[l1] lapic_timer`): L1 enables its
+/// APIC (SVR bit 8) and writes these registers (xAPIC MMIO at 0xfee00000)
+/// after the `launch` VMX operations, right before its first VMLAUNCH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LapicTimer {
+    /// Armed (0: L1 does not touch its APIC).
+    pub armed: u32,
+    /// LVT timer register (vector, mode bits 18:17, mask bit 16).
+    pub lvt: u32,
+    /// Divide configuration register (SDM 11.5.4, Figure 11-10).
+    pub tdcr: u32,
+    /// Initial count.
+    pub tmict: u32,
+}
+
+/// Local APIC: MMIO base (xAPIC, SDM 11.4.1).
+pub const APIC_BASE: u64 = 0xfee0_0000;
+/// Local APIC register offsets L1 writes for [`LapicTimer`].
+pub const APIC_SVR: u64 = 0xf0;
+/// LVT timer register.
+pub const APIC_LVTT: u64 = 0x320;
+/// Initial count register.
+pub const APIC_TMICT: u64 = 0x380;
+/// Divide configuration register.
+pub const APIC_TDCR: u64 = 0x3e0;
 
 const H_TABLES: usize = 64;
 const H_GPRS: usize = 112;
+/// Offset of the two tables added after the GPRs (VMX ops, memory).
+const H_TABLES2: usize = 240;
+/// Offset of the [`LapicTimer`].
+const H_LAPIC: usize = 256;
 
 impl Header {
     /// Writes the header into `b` (at least [`HEADER_LEN`] bytes).
@@ -226,6 +266,14 @@ impl Header {
         }
         for (i, r) in self.gprs.iter().enumerate() {
             put_u64(b, H_GPRS + 8 * i, *r);
+        }
+        for (i, t) in [self.vmx_ops, self.memory].iter().enumerate() {
+            put_u32(b, H_TABLES2 + 8 * i, t.offset);
+            put_u32(b, H_TABLES2 + 8 * i + 4, t.count);
+        }
+        let t = &self.lapic_timer;
+        for (i, v) in [t.armed, t.lvt, t.tdcr, t.tmict].into_iter().enumerate() {
+            put_u32(b, H_LAPIC + 4 * i, v);
         }
     }
 
@@ -251,9 +299,16 @@ impl Header {
         }
         let mode_code = get_u32(b, 16);
         let mode = StartMode::from_code(mode_code).ok_or(LayoutError::BadMode(mode_code))?;
-        let t = |i: usize| Table {
-            offset: get_u32(b, H_TABLES + 8 * i),
-            count: get_u32(b, H_TABLES + 8 * i + 4),
+        let t = |i: usize| {
+            let at = if i < 6 {
+                H_TABLES + 8 * i
+            } else {
+                H_TABLES2 + 8 * (i - 6)
+            };
+            Table {
+                offset: get_u32(b, at),
+                count: get_u32(b, at + 4),
+            }
         };
         let mut gprs = [0u64; 16];
         for (i, r) in gprs.iter_mut().enumerate() {
@@ -279,6 +334,14 @@ impl Header {
             io_bitmaps: t(4),
             msr_bitmap: t(5),
             gprs,
+            vmx_ops: t(6),
+            memory: t(7),
+            lapic_timer: LapicTimer {
+                armed: get_u32(b, H_LAPIC),
+                lvt: get_u32(b, H_LAPIC + 4),
+                tdcr: get_u32(b, H_LAPIC + 8),
+                tmict: get_u32(b, H_LAPIC + 12),
+            },
         };
         let len = b.len().min(h.total_len as usize);
         for (t, unit) in [
@@ -288,6 +351,8 @@ impl Header {
             (h.holes, HOLE_LEN),
             (h.io_bitmaps, 1),
             (h.msr_bitmap, 1),
+            (h.vmx_ops, VMX_OP_LEN),
+            (h.memory, MEM_RANGE_LEN),
         ] {
             let end = (t.offset as usize).checked_add((t.count as usize).saturating_mul(unit));
             if end.is_none_or(|e| e > len) {
@@ -348,6 +413,12 @@ pub const ACT_INJECT: u32 = 1 << 1;
 pub const ACT_SET_FIELD: u32 = 1 << 2;
 /// Action flag: IN and RDMSR get `answer` (EDX:EAX for RDMSR).
 pub const ACT_ANSWER: u32 = 1 << 3;
+/// Action flag (with [`ACT_SET_FIELD`]): the field becomes its current
+/// value OR `value`.
+pub const ACT_SET_OR: u32 = 1 << 4;
+/// Action flag (with [`ACT_SET_FIELD`]): the field becomes its current
+/// value AND NOT `value` (clears those bits).
+pub const ACT_SET_CLEAR: u32 = 1 << 5;
 /// `Action::reason` that matches every reason without its own action.
 pub const ANY_REASON: u32 = 0xffff;
 
@@ -436,14 +507,35 @@ impl Action {
 pub struct VmcsWrite {
     /// Field encoding.
     pub encoding: u32,
+    /// `WRITE_*`: how `value` combines with the field's current value.
+    pub mode: u32,
     /// Value.
     pub value: u64,
+}
+
+/// [`VmcsWrite::mode`]: the field becomes `value`.
+pub const WRITE_SET: u32 = 0;
+/// [`VmcsWrite::mode`]: the field becomes its current value OR `value`.
+pub const WRITE_OR: u32 = 1;
+/// [`VmcsWrite::mode`]: the field becomes its current value AND NOT
+/// `value`.
+pub const WRITE_CLEAR: u32 = 2;
+
+/// The value a [`VmcsWrite`]-style update of `mode` gives a field that
+/// holds `old` (unknown modes write `value`).
+pub fn combine(mode: u32, old: u64, value: u64) -> u64 {
+    match mode {
+        WRITE_OR => old | value,
+        WRITE_CLEAR => old & !value,
+        _ => value,
+    }
 }
 
 impl VmcsWrite {
     /// Writes the record.
     pub fn encode(&self, b: &mut [u8]) {
         put_u32(b, 0, self.encoding);
+        put_u32(b, 4, self.mode);
         put_u64(b, 8, self.value);
     }
 
@@ -451,6 +543,7 @@ impl VmcsWrite {
     pub fn decode(b: &[u8]) -> Self {
         Self {
             encoding: get_u32(b, 0),
+            mode: get_u32(b, 4),
             value: get_u64(b, 8),
         }
     }
@@ -482,6 +575,141 @@ impl EptHole {
     }
 }
 
+/// A VMX instruction L1 executes itself (`[[l1.vmx]]` in the file), with
+/// its outcome recorded in the results area ([`OpResult`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmxOp {
+    /// `OP_*`.
+    pub op: u32,
+    /// `PHASE_*`: when L1 executes it.
+    pub phase: u32,
+    /// `BASE_*`: what the memory operand's address is relative to.
+    pub base: u32,
+    /// Memory operand: offset from `base`; VMREAD/VMWRITE: field
+    /// encoding; INVEPT/INVVPID: the type.
+    pub a: u64,
+    /// VMWRITE: value; INVEPT/INVVPID: descriptor bits 63:0.
+    pub b: u64,
+    /// INVEPT/INVVPID: descriptor bits 127:64.
+    pub c: u64,
+}
+
+/// VMXON `[address]`.
+pub const OP_VMXON: u32 = 0;
+/// VMXOFF.
+pub const OP_VMXOFF: u32 = 1;
+/// VMCLEAR `[address]`.
+pub const OP_VMCLEAR: u32 = 2;
+/// VMPTRLD `[address]`.
+pub const OP_VMPTRLD: u32 = 3;
+/// VMPTRST (the result value is the pointer).
+pub const OP_VMPTRST: u32 = 4;
+/// VMREAD of field `a` (the result value is what was read).
+pub const OP_VMREAD: u32 = 5;
+/// VMWRITE of field `a` with `b`.
+pub const OP_VMWRITE: u32 = 6;
+/// VMLAUNCH of the current VMCS (on success the result value is the
+/// VM_EXIT_REASON L1 got back).
+pub const OP_VMLAUNCH: u32 = 7;
+/// VMRESUME of the current VMCS.
+pub const OP_VMRESUME: u32 = 8;
+/// INVEPT of type `a` with descriptor (`b`, `c`).
+pub const OP_INVEPT: u32 = 9;
+/// INVVPID of type `a` with descriptor (`b`, `c`).
+pub const OP_INVVPID: u32 = 10;
+/// `mov ss, ax` immediately followed by VMLAUNCH (blocking by MOV SS).
+pub const OP_VMLAUNCH_MOV_SS: u32 = 11;
+/// VMCALL in VMX root operation (SDM 31.3: VMfailValid(1)).
+pub const OP_VMCALL: u32 = 12;
+/// Names of the `OP_*` values, in order (the file's `op = ...`).
+pub const OP_NAMES: [&str; 13] = [
+    "vmxon",
+    "vmxoff",
+    "vmclear",
+    "vmptrld",
+    "vmptrst",
+    "vmread",
+    "vmwrite",
+    "vmlaunch",
+    "vmresume",
+    "invept",
+    "invvpid",
+    "mov-ss-vmlaunch",
+    "vmcall",
+];
+
+/// After VMXON, before L1 loads the scenario's VMCS (no current VMCS).
+pub const PHASE_SETUP: u32 = 0;
+/// After the VMCS is built, right before the first VMLAUNCH.
+pub const PHASE_LAUNCH: u32 = 1;
+/// After L2's run ended (the VMCS is launched if L2 ran).
+pub const PHASE_END: u32 = 2;
+/// Names of the `PHASE_*` values, in order.
+pub const PHASE_NAMES: [&str; 3] = ["setup", "launch", "end"];
+
+/// Address `a` as given.
+pub const BASE_ABSOLUTE: u32 = 0;
+/// L1's VMXON region.
+pub const BASE_VMXON: u32 = 1;
+/// The scenario's VMCS (the one L2 runs on).
+pub const BASE_VMCS: u32 = 2;
+/// A spare VMCS region with the right revision identifier.
+pub const BASE_SPARE: u32 = 3;
+/// A spare region whose revision identifier is wrong.
+pub const BASE_BAD_REVISION: u32 = 4;
+/// Names of the `BASE_*` values, in order (`address = "vmcs+0x10"`).
+pub const BASE_NAMES: [&str; 5] = ["", "vmxon", "vmcs", "spare-vmcs", "bad-revision"];
+
+impl VmxOp {
+    /// Writes the record ([`VMX_OP_LEN`] bytes).
+    pub fn encode(&self, b: &mut [u8]) {
+        put_u32(b, 0, self.op);
+        put_u32(b, 4, self.phase);
+        put_u32(b, 8, self.base);
+        put_u64(b, 16, self.a);
+        put_u64(b, 24, self.b);
+        put_u64(b, 32, self.c);
+    }
+
+    /// Reads a record.
+    pub fn decode(b: &[u8]) -> Self {
+        Self {
+            op: get_u32(b, 0),
+            phase: get_u32(b, 4),
+            base: get_u32(b, 8),
+            a: get_u64(b, 16),
+            b: get_u64(b, 24),
+            c: get_u64(b, 32),
+        }
+    }
+}
+
+/// A guest-physical range L1 copies into the results area after the run
+/// (`[[expect.memory]]`); it must lie below [`CODE_END`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemRange {
+    /// Guest-physical address (L1-physical = L2-physical: identity EPT).
+    pub addr: u64,
+    /// Bytes.
+    pub len: u32,
+}
+
+impl MemRange {
+    /// Writes the record.
+    pub fn encode(&self, b: &mut [u8]) {
+        put_u64(b, 0, self.addr);
+        put_u32(b, 8, self.len);
+    }
+
+    /// Reads a record.
+    pub fn decode(b: &[u8]) -> Self {
+        Self {
+            addr: get_u64(b, 0),
+            len: get_u32(b, 8),
+        }
+    }
+}
+
 /// Results-area header length.
 pub const RESULTS_HEADER_LEN: usize = 192;
 /// Length of one [`ExitRecord`].
@@ -492,8 +720,55 @@ pub const MAX_EXIT_RECORDS: usize = 256;
 pub const RESULTS_CONSOLE_OFF: usize = RESULTS_HEADER_LEN + MAX_EXIT_RECORDS * EXIT_RECORD_LEN;
 /// Most console bytes recorded.
 pub const RESULTS_CONSOLE_MAX: usize = 4096;
+/// Offset of the [`OpResult`]s (one per [`VmxOp`], in table order).
+pub const RESULTS_OPS_OFF: usize = RESULTS_CONSOLE_OFF + RESULTS_CONSOLE_MAX;
+/// Length of one [`OpResult`].
+pub const OP_RESULT_LEN: usize = 16;
+/// Most VMX ops a scenario may have.
+pub const MAX_VMX_OPS: usize = 64;
+/// Offset of the memory copies ([`MemRange`]s, concatenated in order).
+pub const RESULTS_MEMORY_OFF: usize = RESULTS_OPS_OFF + MAX_VMX_OPS * OP_RESULT_LEN;
+/// Most bytes of memory copies.
+pub const RESULTS_MEMORY_MAX: usize = 4096;
 /// Total size of the results area.
-pub const RESULTS_LEN: usize = RESULTS_CONSOLE_OFF + RESULTS_CONSOLE_MAX;
+pub const RESULTS_LEN: usize = RESULTS_MEMORY_OFF + RESULTS_MEMORY_MAX;
+
+/// What one [`VmxOp`] did, as L1 saw it (RFLAGS, then
+/// VM_INSTRUCTION_ERROR for VMfailValid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OpResult {
+    /// 1 once L1 executed the op (0: its phase never came).
+    pub done: u32,
+    /// Outcome code: 0 VMsucceed, 1 VMfailInvalid, 0x100 | n
+    /// VMfailValid(n), 0x200 | vector fault.
+    pub outcome: u32,
+    /// VMREAD/VMPTRST: the value; a VMLAUNCH/VMRESUME that entered: the
+    /// VM_EXIT_REASON.
+    pub value: u64,
+}
+
+impl OpResult {
+    /// Writes the record.
+    pub fn encode(&self, b: &mut [u8]) {
+        put_u32(b, 0, self.done);
+        put_u32(b, 4, self.outcome);
+        put_u64(b, 8, self.value);
+    }
+
+    /// Reads a record.
+    pub fn decode(b: &[u8]) -> Self {
+        Self {
+            done: get_u32(b, 0),
+            outcome: get_u32(b, 4),
+            value: get_u64(b, 8),
+        }
+    }
+}
+
+/// Offset of op result `i` in the results area.
+pub fn op_result_offset(i: usize) -> usize {
+    RESULTS_OPS_OFF + i * OP_RESULT_LEN
+}
 
 /// Results status: L2 ran (VM entry happened or failed as a VM exit).
 pub const STATUS_RAN: u32 = 0;
@@ -525,6 +800,10 @@ pub struct ResultsHeader {
     pub rip: u64,
     /// GUEST_RFLAGS after the run.
     pub rflags: u64,
+    /// VMX ops executed.
+    pub ops_done: u32,
+    /// Bytes of memory copies.
+    pub memory_len: u32,
 }
 
 impl ResultsHeader {
@@ -540,6 +819,8 @@ impl ResultsHeader {
         }
         put_u64(b, 152, self.rip);
         put_u64(b, 160, self.rflags);
+        put_u32(b, 168, self.ops_done);
+        put_u32(b, 172, self.memory_len);
     }
 
     /// Reads the header.
@@ -563,6 +844,8 @@ impl ResultsHeader {
             gprs,
             rip: get_u64(b, 152),
             rflags: get_u64(b, 160),
+            ops_done: get_u32(b, 168),
+            memory_len: get_u32(b, 172),
         })
     }
 }
@@ -590,6 +873,11 @@ pub struct ExitRecord {
     pub idt_vectoring: u32,
     /// VMX_INSTRUCTION_INFO.
     pub instruction_info: u32,
+    /// VMX_PREEMPTION_TIMER_VALUE (saved by "save VMX-preemption timer
+    /// value", else L1's own value).
+    pub preemption_timer: u32,
+    /// GUEST_ACTIVITY_STATE (0 active, 1 HLT, 2 shutdown, 3 wait-for-SIPI).
+    pub activity_state: u32,
 }
 
 impl ExitRecord {
@@ -605,6 +893,8 @@ impl ExitRecord {
         put_u64(b, 40, self.gla);
         put_u32(b, 48, self.idt_vectoring);
         put_u32(b, 52, self.instruction_info);
+        put_u32(b, 56, self.preemption_timer);
+        put_u32(b, 60, self.activity_state);
     }
 
     /// Reads a record.
@@ -620,6 +910,8 @@ impl ExitRecord {
             gla: get_u64(b, 40),
             idt_vectoring: get_u32(b, 48),
             instruction_info: get_u32(b, 52),
+            preemption_timer: get_u32(b, 56),
+            activity_state: get_u32(b, 60),
         }
     }
 }
@@ -648,7 +940,7 @@ mod tests {
             code_addr: DEFAULT_CODE_ADDR,
             entry_rip: DEFAULT_CODE_ADDR + 4,
             code: Table {
-                offset: 256,
+                offset: 272,
                 count: 100,
             },
             actions: Table {
@@ -669,6 +961,20 @@ mod tests {
                 count: 4096 - 1024,
             },
             gprs: core::array::from_fn(|i| i as u64 * 3),
+            vmx_ops: Table {
+                offset: 768,
+                count: 2,
+            },
+            memory: Table {
+                offset: 848,
+                count: 1,
+            },
+            lapic_timer: LapicTimer {
+                armed: 1,
+                lvt: 0x40,
+                tdcr: 0xb,
+                tmict: 2_000_000,
+            },
         }
     }
 
@@ -731,6 +1037,8 @@ mod tests {
             gprs: core::array::from_fn(|i| i as u64),
             rip: 9,
             rflags: 2,
+            ops_done: 4,
+            memory_len: 12,
         };
         let mut b = [0u8; RESULTS_HEADER_LEN];
         r.encode(&mut b);
@@ -748,10 +1056,69 @@ mod tests {
             gla: 4,
             idt_vectoring: 5,
             instruction_info: 6,
+            preemption_timer: 7,
+            activity_state: 1,
         };
         let mut eb = [0u8; EXIT_RECORD_LEN];
         e.encode(&mut eb);
         assert_eq!(ExitRecord::decode(&eb), e);
+    }
+
+    #[test]
+    fn test_vmx_op_mem_range_and_op_result_round_trip() {
+        let op = VmxOp {
+            op: OP_INVEPT,
+            phase: PHASE_END,
+            base: BASE_ABSOLUTE,
+            a: 7,
+            b: 0x1234_5000,
+            c: u64::MAX,
+        };
+        let mut b = [0u8; VMX_OP_LEN];
+        op.encode(&mut b);
+        assert_eq!(VmxOp::decode(&b), op);
+        let m = MemRange {
+            addr: 0x60_0000,
+            len: 3,
+        };
+        let mut mb = [0u8; MEM_RANGE_LEN];
+        m.encode(&mut mb);
+        assert_eq!(MemRange::decode(&mb), m);
+        let r = OpResult {
+            done: 1,
+            outcome: 0x10c,
+            value: 5,
+        };
+        let mut rb = [0u8; OP_RESULT_LEN];
+        r.encode(&mut rb);
+        assert_eq!(OpResult::decode(&rb), r);
+        assert_eq!(OP_NAMES[OP_VMLAUNCH_MOV_SS as usize], "mov-ss-vmlaunch");
+        assert_eq!(BASE_NAMES[BASE_BAD_REVISION as usize], "bad-revision");
+    }
+
+    #[test]
+    fn test_vmcs_write_modes_round_trip_and_combine() {
+        let w = VmcsWrite {
+            encoding: 0x4002,
+            mode: WRITE_CLEAR,
+            value: 1 << 27,
+        };
+        let mut b = [0u8; WRITE_LEN];
+        w.encode(&mut b);
+        assert_eq!(VmcsWrite::decode(&b), w);
+        assert_eq!(combine(WRITE_SET, 0xff, 0x100), 0x100);
+        assert_eq!(combine(WRITE_OR, 0xff, 0x100), 0x1ff);
+        assert_eq!(combine(WRITE_CLEAR, 0xff, 0x81), 0x7e);
+        assert_eq!(combine(9, 0xff, 3), 3, "unknown mode writes the value");
+    }
+
+    #[test]
+    fn test_header_rejects_vmx_ops_outside_the_scenario() {
+        let mut h = header();
+        h.vmx_ops.count = 100;
+        let mut b = [0u8; 4096];
+        h.encode(&mut b);
+        assert_eq!(Header::decode(&b), Err(LayoutError::OutOfBounds(768, 100)));
     }
 
     #[test]
@@ -760,8 +1127,10 @@ mod tests {
             assert!(SCENARIO_ADDR + SCENARIO_MAX as u64 <= RESULTS_ADDR);
             assert!(RESULTS_ADDR + RESULTS_LEN as u64 <= DEFAULT_CODE_ADDR);
             assert!(DEFAULT_CODE_ADDR < CODE_END);
+            assert!(RESULTS_OPS_OFF >= RESULTS_CONSOLE_OFF + RESULTS_CONSOLE_MAX);
         }
         assert_eq!(exit_record_offset(0), RESULTS_HEADER_LEN);
+        assert_eq!(op_result_offset(1), RESULTS_OPS_OFF + OP_RESULT_LEN);
         assert_eq!(exit_record_offset(2), RESULTS_HEADER_LEN + 128);
     }
 }

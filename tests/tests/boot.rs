@@ -50,10 +50,11 @@ fn test_l1_boots_as_multiboot_and_prints() {
     );
     // CPUID.1:ECX.VMX is set for L1 (docs/platform.md, CPUID).
     assert!(l1.contains(&"cpuid.1:ecx.vmx = 1"), "{}", run.dump());
-    // KVM refuses CR4.VMXE on this host; L0 keeps a virtual VMXE.
+    // KVM refuses CR4.VMXE on this host with #GP; L0 sees the fault at
+    // L1's #GP handler (breakpoint), completes the write and keeps VMXE
+    // virtual, so L1 sees its `mov cr4` succeed (docs/l1-intercepts.md).
     assert!(
-        l1.iter()
-            .any(|l| l.starts_with("CR4.VMXE: refused (vector 13)")),
+        l1.iter().any(|l| l.starts_with("CR4.VMXE: set")),
         "{}",
         run.dump()
     );

@@ -92,10 +92,14 @@ checks! {
     test_vmlaunch_without_current_vmcs_fails_invalid: "vmlaunch-no-current-vmcs" => FAIL_INVALID;
     test_vmxon_in_root_without_current_vmcs_fails_invalid: "vmxon-in-root-no-current" => FAIL_INVALID;
     test_vmclear_unaligned_without_current_vmcs_fails_invalid: "vmclear-unaligned-no-current" => FAIL_INVALID;
+    // VMCALL in VMX root operation is VMfail(1) (SDM 31.3 VMCALL): here
+    // VMfailInvalid. It reaches L0 through the VMCALL watchdog.
+    test_vmcall_in_root_without_current_vmcs_fails_invalid: "vmcall-no-current-vmcs" => FAIL_INVALID;
     // 2. With VMCS A current: VMfailValid(n), Table 31-1.
     test_vmclear_succeeds: "vmclear" => SUCCEED;
     test_vmptrld_succeeds: "vmptrld" => SUCCEED;
     test_vmptrst_stores_the_current_vmcs: "vmptrst" => hexs(l1_static("VMCS_A"));
+    test_vmcall_in_root_is_error_1: "vmcall-in-root" => valid(1);
     test_vmxon_in_root_is_error_15: "vmxon-twice" => valid(15);
     test_vmclear_of_vmxon_pointer_is_error_3: "vmclear-vmxon-pointer" => valid(3);
     test_vmptrld_of_vmxon_pointer_is_error_10: "vmptrld-vmxon-pointer" => valid(10);
@@ -130,9 +134,10 @@ checks! {
     test_vmread_after_vmclear_fails_invalid: "vmread-after-vmclear" => FAIL_INVALID;
     test_vmptrld_after_vmclear_succeeds: "vmptrld-again" => SUCCEED;
     test_vmresume_after_vmclear_is_error_5: "vmresume-after-vmclear" => valid(5);
-    // 5. Outside VMX operation VMREAD raises #UD; VMXON works again.
+    // 5. Outside VMX operation VMREAD and VMCALL raise #UD; VMXON works again.
     test_vmxoff_succeeds: "vmxoff" => SUCCEED;
     test_vmread_outside_vmx_operation_raises_ud: "vmread-outside-vmx" => UD;
+    test_vmcall_outside_vmx_operation_raises_ud: "vmcall-outside-vmx" => UD;
     test_vmxon_after_vmxoff_succeeds: "vmxon-again" => SUCCEED;
     test_vmxoff_again_succeeds: "vmxoff-again" => SUCCEED;
 }
@@ -156,9 +161,9 @@ fn test_vmx_errors_runs_every_check_in_order() {
     let Some(run) = run() else { return };
     let names: Vec<String> = run.checks().into_iter().map(|c| c.name).collect();
     assert_eq!(names, ALL_CHECKS, "{}", run.dump());
-    assert_eq!(ALL_CHECKS.len(), 41);
+    assert_eq!(ALL_CHECKS.len(), 44);
     let result = run.result().expect("result line");
-    assert_eq!((result.passed, result.failed), (41, 0), "{}", run.dump());
+    assert_eq!((result.passed, result.failed), (44, 0), "{}", run.dump());
     assert_all_checks_passed(run, "vmx-errors");
 }
 

@@ -223,7 +223,10 @@ impl AdvertisedControls {
         use PrimaryProcBased as P;
         use SecondaryProcBased as S;
         Self {
-            pin: PinBased::EXT_INTR_EXITING | PinBased::NMI_EXITING | PinBased::VIRTUAL_NMIS,
+            pin: PinBased::EXT_INTR_EXITING
+                | PinBased::NMI_EXITING
+                | PinBased::VIRTUAL_NMIS
+                | PinBased::PREEMPTION_TIMER,
             primary: P::INTR_WINDOW_EXITING
                 | P::USE_TSC_OFFSETTING
                 | P::HLT_EXITING
@@ -237,6 +240,7 @@ impl AdvertisedControls {
                 | P::CR8_STORE_EXITING
                 | P::NMI_WINDOW_EXITING
                 | P::MOV_DR_EXITING
+                | P::MONITOR_TRAP_FLAG
                 | P::UNCOND_IO_EXITING
                 | P::USE_IO_BITMAPS
                 | P::USE_MSR_BITMAPS
@@ -254,6 +258,7 @@ impl AdvertisedControls {
             exit: ExitControls::SAVE_DEBUG_CONTROLS
                 | ExitControls::HOST_ADDR_SPACE_SIZE
                 | ExitControls::ACK_INTR_ON_EXIT
+                | ExitControls::SAVE_PREEMPTION_TIMER
                 | ExitControls::SAVE_PAT
                 | ExitControls::LOAD_PAT
                 | ExitControls::SAVE_EFER
@@ -559,7 +564,7 @@ mod tests {
         let tru = c.read_msr(msr::IA32_VMX_TRUE_PINBASED_CTLS).unwrap();
         assert_eq!(lo(legacy), 0x16);
         assert_eq!(lo(tru), 0x16);
-        assert_eq!(hi(legacy), 0x16 | 0x1 | 0x8 | 0x20);
+        assert_eq!(hi(legacy), 0x16 | 0x1 | 0x8 | 0x20 | 0x40);
         assert_eq!(hi(tru), hi(legacy));
     }
 
@@ -584,12 +589,12 @@ mod tests {
             | 0x0080_0000 // MOV-DR
             | 0x0100_0000 // unconditional I/O
             | 0x0200_0000 // I/O bitmaps
+            | 0x0800_0000 // monitor trap flag
             | 0x1000_0000 // MSR bitmaps
             | 0x2000_0000 // MONITOR
             | 0x4000_0000 // PAUSE
             | 0x8000_0000; // secondary
         assert_eq!(hi(tru), expected_hi);
-        assert_eq!(hi(tru) & (1 << 27), 0, "no monitor trap flag");
         assert_eq!(hi(tru) & (1 << 21), 0, "no TPR shadow");
     }
 
@@ -612,9 +617,9 @@ mod tests {
         assert_eq!(lo(tru), 0x0003_6dfb);
         assert_eq!(
             hi(tru),
-            0x0003_6dff | 0x200 | 0x8000 | 0x4_0000 | 0x8_0000 | 0x10_0000 | 0x20_0000
+            0x0003_6dff | 0x200 | 0x8000 | 0x4_0000 | 0x8_0000 | 0x10_0000 | 0x20_0000 | 0x40_0000
         );
-        assert_eq!(hi(tru) & (1 << 22), 0, "no preemption-timer save");
+        assert_eq!(hi(tru) & (1 << 23), 0, "no clearing of IA32_BNDCFGS");
     }
 
     #[test]
@@ -696,10 +701,7 @@ mod tests {
         let a = c.controls;
         let (pin0, _) = c.control_settings(ControlMsr::PinBased);
         assert!(c.allowed(ControlMsr::PinBased, pin0 | a.pin.bits()));
-        assert!(!c.allowed(
-            ControlMsr::PinBased,
-            pin0 | PinBased::PREEMPTION_TIMER.bits()
-        ));
+        assert!(!c.allowed(ControlMsr::PinBased, pin0 | PinBased::POSTED_INTR.bits()));
         assert!(
             !c.allowed(ControlMsr::PinBased, a.pin.bits()),
             "default1 cleared"
@@ -708,7 +710,7 @@ mod tests {
         assert!(c.allowed(ControlMsr::PrimaryProcBased, p0 | a.primary.bits()));
         assert!(!c.allowed(
             ControlMsr::PrimaryProcBased,
-            p0 | PrimaryProcBased::MONITOR_TRAP_FLAG.bits()
+            p0 | PrimaryProcBased::USE_TPR_SHADOW.bits()
         ));
         assert!(c.allowed(ControlMsr::SecondaryProcBased, a.secondary.bits()));
         assert!(!c.allowed(
@@ -726,6 +728,7 @@ mod tests {
     #[test]
     fn test_enabling_a_feature_changes_the_msrs() {
         let mut c = caps();
+        c.controls.pin.remove(PinBased::PREEMPTION_TIMER);
         assert!(!c.allowed(
             ControlMsr::PinBased,
             0x16 | PinBased::PREEMPTION_TIMER.bits()

@@ -1811,13 +1811,13 @@ mod tests {
 
     // ---- 27.2.1.1 VM-execution controls ----
     violation!(test_control_pin_reserved_bit, baseline64, |f| {
-        f.or(PIN, u64::from(PinBased::PREEMPTION_TIMER.bits()));
+        f.or(PIN, u64::from(PinBased::POSTED_INTR.bits()));
     } => ControlRule::PinBasedReserved);
     violation!(test_control_pin_default1_cleared, baseline64, |f| {
         f.clear(PIN, 0x2);
     } => ControlRule::PinBasedReserved);
     violation!(test_control_primary_reserved_bit, baseline64, |f| {
-        f.or(PRI, u64::from(PrimaryProcBased::MONITOR_TRAP_FLAG.bits()));
+        f.or(PRI, u64::from(PrimaryProcBased::USE_TPR_SHADOW.bits()));
     } => ControlRule::PrimaryReserved);
     violation!(test_control_primary_default1_cleared, baseline64, |f| {
         f.clear(PRI, 0x2);
@@ -1947,7 +1947,14 @@ mod tests {
         f.inject(V | (1 << 8) | 0x20);
     } => ControlRule::EventType);
     violation!(test_control_event_type_other_without_mtf, baseline64, |f| {
+        // Type 7 (pending MTF VM exit) is valid only where the CPU offers
+        // the monitor trap flag (SDM 27.2.1.3).
         f.inject(V | intr_info::TYPE_OTHER_EVENT);
+        assert_eq!(f.check(), Ok(()));
+        f.caps
+            .controls
+            .primary
+            .remove(PrimaryProcBased::MONITOR_TRAP_FLAG);
     } => ControlRule::EventType);
     violation!(test_control_event_nmi_vector, baseline64, |f| {
         f.inject(V | intr_info::TYPE_NMI | 2);

@@ -106,11 +106,6 @@ impl L2Debug {
         (dbg, slots)
     }
 
-    /// Whether this handler vector has a register in the current program.
-    pub fn handler_armed(&self, vector: u8) -> bool {
-        self.slots.contains(&Some(DebugSlot::Handler(vector)))
-    }
-
     /// Maps DR6 (and the PC, for a stop that shares an address) to users.
     pub fn hit(&self, pc: u64, dr6: u64) -> DebugHit {
         let mut hit = DebugHit {

@@ -1,14 +1,632 @@
 //! Exception-bitmap exits from L2 (exit reason 0) through breakpoints on
 //! L2's exception handlers (issue #9). OWNER: helper "intercept".
+//!
+//! KVM delivers every exception of L2 to L2's own IDT and never tells
+//! userspace. An execute breakpoint on the handler of a vector fires after
+//! the delivery, with the frame the CPU pushed on the handler's stack
+//! (`../shared/kvm-host-facts.md`). At each VM entry L0 reads the gate of
+//! every vector vmcs12's EXCEPTION_BITMAP asks for (for #PF only when the
+//! page-fault error-code mask and match can make one exit, SDM 25.2)
+//! through L2's paging (and L1's EPT) and requests a breakpoint on it in
+//! `self.debug.req.handlers`. On a hit L0 unwinds the frame, so that L2's
+//! state is the one before the delivery, classifies the event (hardware
+//! exception, INT3/INTO, ICEBP, or an INT n that only looks like one) and
+//! reflects exit 0 through `nested_exit::decide`; an exception L1 does not
+//! want runs L2's handler (one step with the breakpoints off).
+//!
+//! The #PF breakpoint also serves EPT holes in L2's page walks (KVM answers
+//! them with a #PF inside L2): that check comes first on a vector-14 hit.
+//! See `docs/exceptions.md` for the limits.
 
-use nested_exit::VcpuState;
-use vmcs12::GuestPhysMemory;
+use nested_exit::decide::EptExitDecision;
+use nested_exit::ept::ViolationContext;
+use nested_exit::exit::{
+    DebugQualification, ExceptionQualification, InterruptionInfo, InterruptionType,
+};
+use nested_exit::record::stale_mapping_exit;
+use nested_exit::state::PendingEvent;
+use nested_exit::walk::AccessKind;
+use nested_exit::{decide, Decision, Exit, Segment, VcpuState};
+use vmcs12::{GuestPhysMemory, Vmcs12, VmcsField};
 
-use super::{FlushPending, L2Host, L2Step, Nested, NestedError};
+use super::debug::{L2Debug, L2DebugRequests};
+use super::{
+    access_linear, failing_table_read, l2_err, mode_mask, read_code, Access, ExecMode,
+    FlushPending, Handler, L2Host, L2Mapping, L2PhysView, L2Step, Nested, NestedError, Observed,
+};
+use crate::hv::VmExit;
+
+/// The #PF vector.
+const PF: u8 = 14;
+/// RFLAGS.TF.
+const RFLAGS_TF: u64 = 1 << 8;
+/// CR0.PE.
+const CR0_PE: u64 = 1;
+/// CR0.PG.
+const CR0_PG: u64 = 1 << 31;
+
+/// Counters of the exception intercepts (rows for the run summary:
+/// [`Nested::intercept_rows`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct InterceptStats {
+    /// Exceptions reflected to L1 as exit 0.
+    pub reflected: u64,
+    /// Exceptions seen at a handler that L1 does not want (PF mask/match,
+    /// a vector only the EPT-hole check watches): L2's handler ran.
+    pub passed: u64,
+    /// Events L1 injected at VM entry, seen reaching L2's handler.
+    pub injected_delivered: u64,
+    /// Vectors L1 wants that got no debug register at a VM entry (all four
+    /// taken, or a vCPU without debug hardware): their exits are missed
+    /// until the next entry frees one.
+    pub unarmed: u64,
+    /// Wanted vectors whose gate could not be read (not present, beyond
+    /// the IDT limit, a task gate, unmapped).
+    pub unreadable_gates: u64,
+    /// Hits that found L2's IDT changed since the entry.
+    pub idt_changes: u64,
+    /// Hits on a handler several wanted vectors share, decided by a guess.
+    pub ambiguous: u64,
+    /// Hits that were no exception the bitmap sees (INT n, a jump to the
+    /// handler, a frame that does not parse).
+    pub not_exceptions: u64,
+    /// A fault while L2 took an event L1 injected: IDT-vectoring info.
+    pub during_delivery: u64,
+    /// INT n of L2 that KVM stopped on, delivered to L2 by L0.
+    pub software_interrupts: u64,
+}
 
 /// Which of L2's exception handlers carry a breakpoint, and why.
 #[derive(Debug, Clone, Default)]
-pub(super) struct Intercepts {}
+pub(super) struct Intercepts {
+    /// Vectors L1 may want an exit for at this entry.
+    wanted: Vec<u8>,
+    /// The #PF breakpoint watches EPT holes in L2's page walks.
+    ept_pf: bool,
+    /// The event L1 injected at this entry, until its delivery is seen.
+    injected: Option<PendingEvent>,
+    /// The last unarmed/unreadable vector sets warned about (the warning
+    /// is repeated only when they change; every entry is counted).
+    warned: Option<(Vec<u8>, Vec<u8>)>,
+    /// The missing vectors of this entry were counted.
+    counted: bool,
+    /// IDT-vectoring information for the exit being reflected (a fault
+    /// while delivering the injected event): `(info, error code)`.
+    idt_vectoring: Option<(u32, u32)>,
+    /// The VMCS pointer, L2's IDTR and the handlers of the last refresh
+    /// (an IDT change between two exits is seen at the second).
+    last: Option<LastRefresh>,
+    /// Counters.
+    stats: InterceptStats,
+}
+
+/// What the last gate read found: the VMCS pointer, L2's IDTR and the
+/// `(vector, handler)` requests.
+type LastRefresh = (u64, nested_exit::state::DescriptorTable, Vec<(u8, u64)>);
+
+/// How the CPU delivers through a gate: the frame layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FrameKind {
+    /// IA-32e mode: 16-byte gates, 8-byte slots, SS:RSP always pushed.
+    Long,
+    /// Protected mode, 32-bit interrupt/trap gate: 4-byte slots.
+    Protected32,
+    /// Protected mode, 16-bit gate: 2-byte slots.
+    Protected16,
+    /// Real mode: the IVT, IP/CS/FLAGS as 2-byte slots, no error code.
+    Real,
+}
+
+/// One IDT gate (or IVT entry) of L2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Gate {
+    /// Linear address of the handler (the breakpoint address).
+    pub linear: u64,
+    /// The frame a delivery through it pushes.
+    pub kind: FrameKind,
+}
+
+/// Why a gate gives no handler address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(super) enum GateError {
+    /// The vector lies beyond IDTR.limit.
+    #[error("beyond the IDT limit")]
+    BeyondLimit,
+    /// The gate or its code-segment descriptor cannot be read.
+    #[error("not readable through L2's paging")]
+    Unreadable,
+    /// P = 0.
+    #[error("not present")]
+    NotPresent,
+    /// A task gate (delivery is a task switch: no handler address).
+    #[error("a task gate")]
+    TaskGate,
+    /// A type no interrupt or trap gate has.
+    #[error("not an interrupt or trap gate")]
+    BadType,
+}
+
+/// L2's state before a delivery, recovered from the frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Unwound {
+    /// The state before the delivery (RIP as pushed).
+    pub pre: VcpuState,
+    /// The error code, when the frame has one.
+    pub error_code: Option<u32>,
+}
+
+/// Whether the CPU pushes an error code for a hardware exception of this
+/// vector in protected or IA-32e mode (SDM Vol. 3 Table 6-1): #DF, #TS,
+/// #NP, #SS, #GP, #PF, #AC, #CP.
+pub(super) fn pushes_error_code(vector: u8) -> bool {
+    matches!(vector, 8 | 10..=14 | 17 | 21)
+}
+
+/// SDM 25.2: a #PF with error code `pfec` causes a VM exit iff
+/// `(pfec & mask) == match` equals exception-bitmap bit 14.
+pub(super) fn pf_exits(bit14: bool, mask: u32, mtch: u32, pfec: u32) -> bool {
+    (pfec & mask == mtch) == bit14
+}
+
+/// Whether any #PF error code can make [`pf_exits`] true.
+pub(super) fn pf_may_exit(bit14: bool, mask: u32, mtch: u32) -> bool {
+    if bit14 {
+        // Some pfec has pfec & mask == match iff match has no bit outside mask.
+        mtch & !mask == 0
+    } else {
+        // pfec & mask != match for some pfec, unless mask = 0 and match = 0.
+        mask != 0 || mtch != 0
+    }
+}
+
+/// The vectors vmcs12 may want exception-bitmap exits for, ascending.
+/// Bit 2 is not one (NMIs exit by "NMI exiting", SDM 25.2); #PF is
+/// filtered by [`pf_may_exit`].
+pub(super) fn wanted_vectors(v: &Vmcs12) -> Vec<u8> {
+    let bitmap = v.get32(VmcsField::EXCEPTION_BITMAP);
+    let mask = v.get32(VmcsField::PAGE_FAULT_ERROR_CODE_MASK);
+    let mtch = v.get32(VmcsField::PAGE_FAULT_ERROR_CODE_MATCH);
+    (0u8..32)
+        .filter(|&n| match n {
+            2 => false,
+            PF => pf_may_exit(bitmap & (1 << PF) != 0, mask, mtch),
+            _ => bitmap & (1 << n) != 0,
+        })
+        .collect()
+}
+
+/// The frame layout of a delivery in `state`'s mode.
+fn mode_frame(state: &VcpuState) -> FrameKind {
+    if state.msrs.efer & VcpuState::EFER_LMA != 0 {
+        FrameKind::Long
+    } else if state.cr0 & CR0_PE != 0 {
+        FrameKind::Protected32
+    } else {
+        FrameKind::Real
+    }
+}
+
+fn read_linear(state: &VcpuState, mem: &mut dyn GuestPhysMemory, la: u64, buf: &mut [u8]) -> bool {
+    matches!(access_linear(state, mem, la, buf, Access::Read), Ok(Ok(())))
+}
+
+/// Reads L2's gate for `vector` (IA-32e: 16-byte gates; protected mode:
+/// 8-byte gates, the handler's CS base from its descriptor; real mode: the
+/// IVT's CS:IP).
+pub(super) fn read_gate(
+    state: &VcpuState,
+    mem: &mut dyn GuestPhysMemory,
+    vector: u8,
+) -> Result<Gate, GateError> {
+    let kind = mode_frame(state);
+    let v = u64::from(vector);
+    let size: u64 = match kind {
+        FrameKind::Long => 16,
+        FrameKind::Real => 4,
+        _ => 8,
+    };
+    if v * size + size - 1 > u64::from(state.idtr.limit) {
+        return Err(GateError::BeyondLimit);
+    }
+    let mut gate = [0u8; 16];
+    let buf = gate.get_mut(..size as usize).ok_or(GateError::Unreadable)?;
+    let base = match kind {
+        FrameKind::Long => state.idtr.base,
+        _ => state.idtr.base & 0xffff_ffff,
+    };
+    if !read_linear(state, mem, base.wrapping_add(v * size), buf) {
+        return Err(GateError::Unreadable);
+    }
+    let lo = u64::from_le_bytes(gate[..8].try_into().map_err(|_| GateError::Unreadable)?);
+    if kind == FrameKind::Real {
+        let ip = lo & 0xffff;
+        let cs = (lo >> 16) & 0xffff;
+        return Ok(Gate {
+            linear: (cs << 4) + ip,
+            kind,
+        });
+    }
+    if lo & (1 << 47) == 0 {
+        return Err(GateError::NotPresent);
+    }
+    let ty = (lo >> 40) & 0xf;
+    let offset = (lo & 0xffff) | ((lo >> 32) & 0xffff_0000);
+    match (kind, ty) {
+        (FrameKind::Long, 0xe | 0xf) => {
+            let hi = u64::from_le_bytes(gate[8..].try_into().map_err(|_| GateError::Unreadable)?);
+            Ok(Gate {
+                linear: offset | (hi << 32),
+                kind,
+            })
+        }
+        (FrameKind::Long, _) => Err(GateError::BadType),
+        (_, 5) => Err(GateError::TaskGate),
+        (_, 6 | 7 | 0xe | 0xf) => {
+            let selector = (lo >> 16) as u16;
+            let cs = load_segment(state, mem, selector).ok_or(GateError::Unreadable)?;
+            let offset = if ty & 8 == 0 { offset & 0xffff } else { offset };
+            Ok(Gate {
+                linear: cs.base.wrapping_add(offset) & 0xffff_ffff,
+                kind: if ty & 8 == 0 {
+                    FrameKind::Protected16
+                } else {
+                    FrameKind::Protected32
+                },
+            })
+        }
+        _ => Err(GateError::BadType),
+    }
+}
+
+/// Loads a code or data segment from L2's GDT or LDT in VMX
+/// access-rights format (the accessed bit set, as a load sets it); a null
+/// selector is an unusable segment. `None`: beyond the table limit,
+/// unreadable or not present.
+pub(super) fn load_segment(
+    state: &VcpuState,
+    mem: &mut dyn GuestPhysMemory,
+    selector: u16,
+) -> Option<Segment> {
+    if selector & !3 == 0 {
+        return Some(Segment {
+            selector,
+            ar: Segment::AR_UNUSABLE | (u32::from(selector & 3) << 5),
+            ..Segment::default()
+        });
+    }
+    let (base, limit) = if selector & 4 != 0 {
+        if state.ldtr.unusable() {
+            return None;
+        }
+        (state.ldtr.base, u64::from(state.ldtr.limit))
+    } else {
+        (state.gdtr.base, u64::from(state.gdtr.limit))
+    };
+    let index = u64::from(selector & !7);
+    if index + 7 > limit {
+        return None;
+    }
+    let mut d = [0u8; 8];
+    if !read_linear(state, mem, base.wrapping_add(index), &mut d) {
+        return None;
+    }
+    let d = u64::from_le_bytes(d);
+    if d & (1 << 47) == 0 {
+        return None;
+    }
+    let mut ar = (((d >> 40) & 0xff) | (((d >> 52) & 0xf) << 12)) as u32;
+    if ar & 0x10 != 0 {
+        ar |= 1;
+    }
+    let raw_limit = ((d & 0xffff) | ((d >> 32) & 0xf_0000)) as u32;
+    let limit = if ar & (1 << 15) != 0 {
+        (raw_limit << 12) | 0xfff
+    } else {
+        raw_limit
+    };
+    Some(Segment {
+        selector,
+        base: ((d >> 16) & 0xff_ffff) | ((d >> 32) & 0xff00_0000),
+        limit,
+        ar,
+    })
+}
+
+/// Whether an RFLAGS image can be real: bit 1 set; bits 3, 5, 15 and
+/// 22-63 clear (SDM Vol. 1 3.4.3).
+fn plausible_rflags(f: u64) -> bool {
+    f & 2 != 0 && f & (0x8028 | !0x3f_ffff) == 0
+}
+
+/// A real-mode or virtual-8086 segment for `selector` (base = selector *
+/// 16), with the other attributes of `like`.
+fn real_segment(selector: u16, like: Segment) -> Segment {
+    Segment {
+        selector,
+        base: u64::from(selector) << 4,
+        ..like
+    }
+}
+
+/// L2's state before the delivery whose frame sits at the handler's stack
+/// pointer in `state` (RIP, CS, RFLAGS, RSP, SS and, with `with_error_code`,
+/// the error code first). IA-32e frames always hold SS:RSP; 32- and 16-bit
+/// frames only across a privilege change (and ES, DS, FS, GS after them
+/// from virtual-8086 mode); real-mode frames are IP, CS, FLAGS. A CS or SS
+/// other than the handler's is loaded from L2's descriptor tables. `None`:
+/// the frame cannot be read or does not look like one.
+pub(super) fn unwind_frame(
+    state: &VcpuState,
+    mem: &mut dyn GuestPhysMemory,
+    kind: FrameKind,
+    with_error_code: bool,
+) -> Option<Unwound> {
+    let slot: u64 = match kind {
+        FrameKind::Long => 8,
+        FrameKind::Protected32 => 4,
+        FrameKind::Protected16 | FrameKind::Real => 2,
+    };
+    let with_error_code = with_error_code && kind != FrameKind::Real;
+    let sp = state.gprs.get(4);
+    let sp_mask: u64 = match kind {
+        FrameKind::Long => u64::MAX,
+        FrameKind::Real => 0xffff,
+        _ if state.ss.ar & (1 << 14) != 0 => 0xffff_ffff,
+        _ => 0xffff,
+    };
+    let sp_base = match kind {
+        FrameKind::Long => 0,
+        _ => state.ss.base,
+    };
+    let read = |mem: &mut dyn GuestPhysMemory, index: u64| -> Option<u64> {
+        let off = (sp.wrapping_add(index * slot)) & sp_mask;
+        let mut b = [0u8; 8];
+        let part = b.get_mut(..slot as usize)?;
+        let la = sp_base.wrapping_add(off);
+        let la = if kind == FrameKind::Long {
+            la
+        } else {
+            la & 0xffff_ffff
+        };
+        read_linear(state, mem, la, part).then(|| u64::from_le_bytes(b))
+    };
+    let first = u64::from(with_error_code);
+    let error_code = match with_error_code {
+        true => Some(read(mem, 0)?),
+        false => None,
+    };
+    let rip = read(mem, first)?;
+    let cs = read(mem, first + 1)? as u16;
+    let flags = read(mem, first + 2)?;
+    let mut pre = *state;
+    pre.rip = rip;
+    match kind {
+        FrameKind::Real => {
+            if flags & 2 == 0 {
+                return None;
+            }
+            pre.rflags = (state.rflags & !0xffff) | flags;
+            pre.cs = real_segment(cs, state.cs);
+            pre.gprs
+                .set(4, (sp & !0xffff) | (sp.wrapping_add(6) & 0xffff));
+        }
+        FrameKind::Long => {
+            if !plausible_rflags(flags) || cs & !3 == 0 {
+                return None;
+            }
+            if error_code.is_some_and(|e| e >> 32 != 0) {
+                return None;
+            }
+            let rsp = read(mem, first + 3)?;
+            let ss = read(mem, first + 4)? as u16;
+            pre.rflags = flags;
+            pre.cs = segment_or_current(state, mem, cs, state.cs)?;
+            pre.ss = segment_or_current(state, mem, ss, state.ss)?;
+            pre.gprs.set(4, rsp);
+        }
+        FrameKind::Protected32 | FrameKind::Protected16 => {
+            let flags = match kind {
+                FrameKind::Protected16 => (state.rflags & !0xffff) | flags,
+                _ => flags,
+            };
+            if !plausible_rflags(flags) {
+                return None;
+            }
+            let vm86 = flags & VcpuState::RFLAGS_VM != 0;
+            pre.rflags = flags;
+            if vm86 {
+                pre.cs = real_segment(cs, vm86_segment());
+            } else {
+                if cs & !3 == 0 {
+                    return None;
+                }
+                pre.cs = segment_or_current(state, mem, cs, state.cs)?;
+            }
+            let outer = vm86 || (cs & 3) != (state.cs.selector & 3);
+            if outer {
+                let esp = read(mem, first + 3)?;
+                let ss = read(mem, first + 4)? as u16;
+                pre.gprs.set(4, esp);
+                if vm86 {
+                    pre.ss = real_segment(ss, vm86_segment());
+                    let mut segs = [0u16; 4];
+                    for (i, s) in segs.iter_mut().enumerate() {
+                        *s = read(mem, first + 5 + i as u64)? as u16;
+                    }
+                    pre.es = real_segment(segs[0], vm86_segment());
+                    pre.ds = real_segment(segs[1], vm86_segment());
+                    pre.fs = real_segment(segs[2], vm86_segment());
+                    pre.gs = real_segment(segs[3], vm86_segment());
+                } else {
+                    pre.ss = segment_or_current(state, mem, ss, state.ss)?;
+                }
+            } else {
+                let n = first + 3;
+                pre.gprs
+                    .set(4, (sp & !sp_mask) | (sp.wrapping_add(n * slot) & sp_mask));
+            }
+        }
+    }
+    Some(Unwound {
+        pre,
+        error_code: error_code.map(|e| e as u32),
+    })
+}
+
+/// Virtual-8086 segment attributes (SDM 26.3.1.2: AR 0xf3, limit 0xffff).
+fn vm86_segment() -> Segment {
+    Segment {
+        selector: 0,
+        base: 0,
+        limit: 0xffff,
+        ar: 0xf3,
+    }
+}
+
+/// The handler's own segment when the frame names the same selector, else
+/// the descriptor from L2's tables.
+fn segment_or_current(
+    state: &VcpuState,
+    mem: &mut dyn GuestPhysMemory,
+    selector: u16,
+    current: Segment,
+) -> Option<Segment> {
+    if selector == current.selector {
+        Some(current)
+    } else {
+        load_segment(state, mem, selector)
+    }
+}
+
+/// What kind of event reached the handler of `vector`, from the bytes
+/// before the pushed RIP (`before[1]` is the last one) and whether a
+/// single step was pending: `Some((type, instruction length))` for an
+/// event the exception bitmap sees, `None` for a software interrupt (INT
+/// n, not an exception-bitmap exit, SDM 25.2) or a #BP/#OF no INT3/INTO
+/// raised.
+pub(super) fn classify(
+    vector: u8,
+    before: Option<[u8; 2]>,
+    single_step: bool,
+) -> Option<(InterruptionType, u32)> {
+    if before == Some([0xcd, vector]) {
+        return None;
+    }
+    let last = before.map(|b| b[1]);
+    match vector {
+        3 => (last == Some(0xcc)).then_some((InterruptionType::SoftwareException, 1)),
+        4 => (last == Some(0xce)).then_some((InterruptionType::SoftwareException, 1)),
+        1 if last == Some(0xf1) && !single_step => {
+            Some((InterruptionType::PrivilegedSoftwareException, 1))
+        }
+        _ => Some((InterruptionType::HardwareException, 0)),
+    }
+}
+
+/// Bits 10:8 of the interruption-information format for `ty`.
+fn exit_type_bits(ty: InterruptionType) -> u32 {
+    match ty {
+        InterruptionType::ExternalInterrupt => 0,
+        InterruptionType::Nmi => 2,
+        InterruptionType::HardwareException => 3,
+        InterruptionType::SoftwareInterrupt => 4,
+        InterruptionType::PrivilegedSoftwareException => 5,
+        InterruptionType::SoftwareException => 6,
+        InterruptionType::OtherEvent => 7,
+    }
+}
+
+/// The exit qualification of exit 0 (SDM 28.2.1): CR2 for #PF, the DR6
+/// bits B0-B3, BD, BS for a hardware #DB, nothing else.
+fn exception_qualification(
+    vector: u8,
+    kind: InterruptionType,
+    cr2: u64,
+    dr6: u64,
+) -> ExceptionQualification {
+    match (vector, kind) {
+        (PF, _) => ExceptionQualification::PageFault { cr2 },
+        (1, InterruptionType::HardwareException) => {
+            let bits = DebugQualification::B0
+                | DebugQualification::B1
+                | DebugQualification::B2
+                | DebugQualification::B3
+                | DebugQualification::BD
+                | DebugQualification::BS;
+            ExceptionQualification::Debug(DebugQualification::from_bits_truncate(dr6) & bits)
+        }
+        _ => ExceptionQualification::None,
+    }
+}
+
+/// The last two bytes before `state`'s RIP, through its paging.
+fn bytes_before(state: &VcpuState, mem: &mut dyn GuestPhysMemory) -> Option<[u8; 2]> {
+    let mask = mode_mask(ExecMode::of(state));
+    let at = state.rip.wrapping_sub(2) & mask;
+    let b = read_code(state, mem, at, 2)?;
+    Some([*b.first()?, *b.get(1)?])
+}
+
+/// An exception L0 recognised at a handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Recognised {
+    /// The exit: interruption information, qualification, length.
+    pub exit: Exit,
+    /// L2's state at the exit.
+    pub l2: VcpuState,
+}
+
+/// Recognises the delivery of `vector` at the handler (`state`, through
+/// a gate of `kind`): the frame unwound, the type classified, RIP moved
+/// back over INT3/INTO/ICEBP. `Err(why)`: no exception the bitmap sees.
+pub(super) fn recognise(
+    state: &VcpuState,
+    mem: &mut dyn GuestPhysMemory,
+    vector: u8,
+    kind: FrameKind,
+) -> Result<Recognised, &'static str> {
+    let ec_frame = pushes_error_code(vector) && kind != FrameKind::Real;
+    let unwound = match ec_frame {
+        true => unwind_frame(state, mem, kind, true),
+        false => None,
+    };
+    let (u, kind_len) = match unwound {
+        Some(u) => (u, Some((InterruptionType::HardwareException, 0))),
+        None => {
+            // No error code: an exception without one, or an INT n to a
+            // vector whose exceptions push one.
+            let u = unwind_frame(state, mem, kind, false).ok_or("the frame does not parse")?;
+            let before = bytes_before(&u.pre, mem);
+            if ec_frame && before != Some([0xcd, vector]) {
+                return Err("the frame does not parse");
+            }
+            let single_step = u.pre.rflags & RFLAGS_TF != 0 && state.dr6 & (1 << 14) != 0;
+            (u, classify(vector, before, single_step))
+        }
+    };
+    let (ty, len) = kind_len.ok_or("INT n or a jump to the handler, not an exception")?;
+    let mut pre = u.pre;
+    if len != 0 {
+        pre.rip = pre.rip.wrapping_sub(u64::from(len)) & mode_mask(ExecMode::of(&pre));
+    }
+    let info = InterruptionInfo {
+        vector,
+        kind: ty,
+        error_code: match ty {
+            InterruptionType::HardwareException => u.error_code,
+            _ => None,
+        },
+        nmi_unblocking_iret: false,
+    };
+    Ok(Recognised {
+        exit: Exit::ExceptionOrNmi {
+            info,
+            qualification: exception_qualification(vector, ty, state.cr2, state.dr6),
+            len,
+        },
+        l2: pre,
+    })
+}
 
 impl<V: FlushPending> Nested<V> {
     /// At VM entry (and when L2's IDT may have changed): the handler
@@ -18,20 +636,1361 @@ impl<V: FlushPending> Nested<V> {
         l2: &VcpuState,
         mem: &mut dyn GuestPhysMemory,
     ) -> Result<(), NestedError> {
-        self.arm_pf_intercept(l2, mem)
+        let vmcs12 = self.cpu.current_vmcs().ok_or(NestedError::NoCurrentVmcs)?;
+        let wanted = wanted_vectors(vmcs12);
+        let ept = self.l2_ept()?;
+        let ept_pf =
+            ept.is_some() && l2.msrs.efer & VcpuState::EFER_LMA != 0 && l2.cr0 & CR0_PG != 0;
+        self.intercepts.wanted = wanted;
+        self.intercepts.ept_pf = ept_pf;
+        self.intercepts.idt_vectoring = None;
+        self.intercepts.counted = false;
+        // SDM 26.6: an injected event is delivered without consulting the
+        // exception bitmap; its arrival at a watched handler must not exit.
+        self.intercepts.injected = l2.pending_event.filter(|e| e.info & (1 << 31) != 0);
+        self.refresh_handlers(l2, mem)
+    }
+
+    /// Reads the gates of every watched vector in `l2` and sets the
+    /// requests: #PF first, then the wanted vectors ascending, then the
+    /// vector of an injected event (to see its delivery). Warns once per
+    /// entry about wanted vectors without a register or readable gate.
+    fn refresh_handlers(
+        &mut self,
+        l2: &VcpuState,
+        mem: &mut dyn GuestPhysMemory,
+    ) -> Result<(), NestedError> {
+        let mut view = L2PhysView {
+            mem,
+            ept: self.l2_ept()?,
+        };
+        let it = &mut self.intercepts;
+        let mut order: Vec<u8> = Vec::new();
+        if it.ept_pf || it.wanted.contains(&PF) {
+            order.push(PF);
+        }
+        order.extend(it.wanted.iter().copied().filter(|&v| v != PF));
+        let injected = it.injected.map(|e| e.info as u8);
+        if let Some(v) = injected.filter(|v| !order.contains(v)) {
+            order.push(v);
+        }
+        let mut handlers = Vec::new();
+        let mut unreadable = Vec::new();
+        for v in order {
+            match read_gate(l2, &mut view, v) {
+                Ok(g) => handlers.push((v, g.linear)),
+                Err(e) if it.wanted.contains(&v) => unreadable.push((v, e)),
+                Err(_) => {}
+            }
+        }
+        // Which addresses get a register (handlers come first in combine).
+        let (dbg, _) = L2Debug::combine(&L2DebugRequests {
+            handlers: handlers.clone(),
+            ..L2DebugRequests::default()
+        });
+        let supported = !self.debug.unsupported;
+        let armed = |a: u64| supported && dbg.breakpoints.contains(&Some(a));
+        let unarmed: Vec<u8> = handlers
+            .iter()
+            .filter(|&&(v, a)| it.wanted.contains(&v) && !armed(a))
+            .map(|&(v, _)| v)
+            .collect();
+        if injected.is_some_and(|v| !handlers.iter().any(|&(w, a)| w == v && armed(a))) {
+            // Its delivery cannot be seen: a later hit must not be taken
+            // for a fault during it.
+            it.injected = None;
+        }
+        let signature = (
+            unarmed.clone(),
+            unreadable.iter().map(|&(v, _)| v).collect::<Vec<u8>>(),
+        );
+        if !it.counted {
+            // Once per entry.
+            it.counted = true;
+            it.stats.unarmed += unarmed.len() as u64;
+            it.stats.unreadable_gates += unreadable.len() as u64;
+        }
+        let missing = !unarmed.is_empty() || !unreadable.is_empty();
+        if missing && it.warned.as_ref() != Some(&signature) {
+            it.warned = Some(signature);
+            let unreadable: Vec<String> = unreadable
+                .iter()
+                .map(|(v, e)| format!("{v} ({e})"))
+                .collect();
+            tracing::warn!(
+                ?unarmed,
+                ?unreadable,
+                "L1's exception bitmap asks for exits L0 cannot see in this L2 run: the vectors have no debug register (4 in all, shared with precise mode) or no readable IDT gate; their exceptions go to L2's own handlers"
+            );
+        }
+        tracing::debug!(?handlers, "L2 exception-handler breakpoints requested");
+        // L2 may change its IDT (LIDT, a gate write) without a VM exit: the
+        // breakpoints stay on the old handlers until the next exit, and
+        // exceptions in between reach L2's new handlers unseen. Say so.
+        let pointer = self.cpu.current_vmcs_pointer();
+        if let Some((p, idtr, old)) = &self.intercepts.last {
+            let moved: Vec<u8> = old
+                .iter()
+                .filter(|&&(v, a)| {
+                    self.intercepts.wanted.contains(&v)
+                        && handlers.iter().any(|&(w, b)| w == v && b != a)
+                })
+                .map(|&(v, _)| v)
+                .collect();
+            if *p == pointer && (!moved.is_empty() || *idtr != l2.idtr) {
+                self.intercepts.stats.idt_changes += 1;
+                tracing::warn!(
+                    ?moved,
+                    old_idt = idtr.base,
+                    new_idt = l2.idtr.base,
+                    "L2 changed its IDT since the last exit: any exception it took between the change and this exit went to its new handler without an exit to L1 (the breakpoints follow the new IDT from now on)"
+                );
+            }
+        }
+        self.intercepts.last = Some((pointer, l2.idtr, handlers.clone()));
+        self.debug.req.handlers = handlers;
+        Ok(())
     }
 
     /// The breakpoint on the handler of `vector` fired at `pc`.
     pub(super) fn intercept_on_handler_hit(
         &mut self,
         vector: u8,
-        _pc: u64,
+        pc: u64,
         mem: &mut dyn GuestPhysMemory,
         host: &mut dyn L2Host,
     ) -> Result<Option<L2Step>, NestedError> {
-        if vector == 14 {
-            return self.handle_pf_breakpoint(mem, host).map(Some);
+        let st = self.l2.get_state().map_err(l2_err)?;
+        self.l2_cached = Some(st);
+        let l0_stepping = self.debug.applied.is_some_and(|d| d.single_step);
+        let ept = self.l2_ept()?;
+        // The vectors whose handler is at pc: requested at entry and still
+        // there, or (L2 changed its IDT since) found by reading it again.
+        let mut candidates = self.handlers_at(&st, mem, pc)?;
+        if candidates.is_empty() {
+            tracing::debug!(
+                vector,
+                pc,
+                "L2's IDT changed since the VM entry: gates read again"
+            );
+            self.refresh_handlers(&st, mem)?;
+            candidates = self.handlers_at(&st, mem, pc)?;
         }
-        Ok(None)
+        if let Some(ev) = self.intercepts.injected.take() {
+            let v = ev.info as u8;
+            if candidates.contains(&v) {
+                // The event L1 injected reached L2's handler (SDM 26.6.1).
+                self.intercepts.stats.injected_delivered += 1;
+                let _ = self.refresh_handlers(&st, mem);
+                return self.intercept_step_over(None, mem, host).map(Some);
+            }
+            // Another exception first: it happened while delivering the
+            // injected event (SDM 27.2.4).
+            self.intercepts.stats.during_delivery += 1;
+            self.intercepts.idt_vectoring = Some((ev.info & !(1 << 12), ev.error_code));
+            tracing::warn!(
+                injected = ev.info,
+                pc,
+                "an exception while L2 took the event L1 injected: IDT-vectoring information recorded"
+            );
+        }
+        let Some(kind) = candidates
+            .first()
+            .and_then(|&v| {
+                let mut view = L2PhysView {
+                    mem: &mut *mem,
+                    ept,
+                };
+                read_gate(&st, &mut view, v).ok()
+            })
+            .map(|g| g.kind)
+        else {
+            self.intercepts.stats.not_exceptions += 1;
+            return self.intercept_step_over(None, mem, host).map(Some);
+        };
+        let vector = self.pick_vector(&st, mem, &candidates, kind)?;
+        // #PF: first KVM's stand-in for an EPT violation in L2's page walk.
+        let recognised = {
+            let mut view = L2PhysView {
+                mem: &mut *mem,
+                ept,
+            };
+            recognise(&st, &mut view, vector, kind)
+        };
+        let rec = match recognised {
+            Ok(mut r) if l0_stepping => {
+                // KVM single-steps with the real RFLAGS.TF: a frame pushed
+                // during L0's step carries it, L2's RFLAGS did not.
+                r.l2.rflags &= !RFLAGS_TF;
+                r
+            }
+            Ok(r) => r,
+            Err(why) => {
+                self.intercepts.stats.not_exceptions += 1;
+                tracing::debug!(
+                    vector,
+                    pc,
+                    why,
+                    "handler breakpoint without an exception: L2 goes on"
+                );
+                return self.intercept_step_over(Some(vector), mem, host).map(Some);
+            }
+        };
+        if vector == PF && self.intercepts.ept_pf {
+            if let Some(step) = self.pf_ept_hole(&st, &rec.l2, mem)? {
+                return Ok(Some(step));
+            }
+        }
+        if !self.intercepts.wanted.contains(&vector) || !self.pf_selected(&rec.exit)? {
+            // No VM exit on a CPU either: L2's handler runs.
+            return self.intercept_step_over(Some(vector), mem, host).map(Some);
+        }
+        let observed = Observed {
+            exit: rec.exit,
+            l2: rec.l2,
+            kvm_pending: false,
+        };
+        if !self.decide_exception(&observed, mem)?.reflects() {
+            // decide and the bitmap disagree (L0 policy): L2's handler runs.
+            self.intercepts.idt_vectoring = None;
+            return self.intercept_step_over(Some(vector), mem, host).map(Some);
+        }
+        self.intercepts.stats.reflected += 1;
+        self.l2_cached = None;
+        Ok(Some(L2Step::Reflect(Box::new(observed))))
+    }
+
+    /// False for a #PF whose error code vmcs12's mask and match do not
+    /// select (SDM 25.2); true for every other exit.
+    fn pf_selected(&self, exit: &Exit) -> Result<bool, NestedError> {
+        let Exit::ExceptionOrNmi { info, .. } = exit else {
+            return Ok(true);
+        };
+        if info.vector != PF {
+            return Ok(true);
+        }
+        let v = self.cpu.current_vmcs().ok_or(NestedError::NoCurrentVmcs)?;
+        Ok(pf_exits(
+            v.get32(VmcsField::EXCEPTION_BITMAP) & (1 << PF) != 0,
+            v.get32(VmcsField::PAGE_FAULT_ERROR_CODE_MASK),
+            v.get32(VmcsField::PAGE_FAULT_ERROR_CODE_MATCH),
+            info.error_code.unwrap_or(0),
+        ))
+    }
+
+    /// The requested vectors whose gate in `st` still points at `pc`.
+    fn handlers_at(
+        &mut self,
+        st: &VcpuState,
+        mem: &mut dyn GuestPhysMemory,
+        pc: u64,
+    ) -> Result<Vec<u8>, NestedError> {
+        let mut view = L2PhysView {
+            mem,
+            ept: self.l2_ept()?,
+        };
+        let mut at: Vec<u8> = self
+            .debug
+            .req
+            .handlers
+            .iter()
+            .filter(|&&(_, a)| a == pc)
+            .map(|&(v, _)| v)
+            .collect();
+        at.retain(|&v| read_gate(st, &mut view, v).is_ok_and(|g| g.linear == pc));
+        Ok(at)
+    }
+
+    /// One vector of several sharing a handler: the instruction at the
+    /// pushed RIP says #UD (UD2), #BP (INT3 before it), #OF (INTO before
+    /// it); otherwise the first, counted and traced as a guess.
+    fn pick_vector(
+        &mut self,
+        st: &VcpuState,
+        mem: &mut dyn GuestPhysMemory,
+        candidates: &[u8],
+        kind: FrameKind,
+    ) -> Result<u8, NestedError> {
+        let first = candidates.first().copied().unwrap_or(0);
+        if candidates.len() < 2 {
+            return Ok(first);
+        }
+        let mut view = L2PhysView {
+            mem,
+            ept: self.l2_ept()?,
+        };
+        let pre = unwind_frame(st, &mut view, kind, false).map(|u| u.pre);
+        let at = pre.and_then(|p| read_code(&p, &mut view, p.rip, 2));
+        let before = pre.and_then(|p| bytes_before(&p, &mut view));
+        let guess = if at.as_deref() == Some(&[0x0f, 0x0b]) && candidates.contains(&6) {
+            Some(6)
+        } else if before.map(|b| b[1]) == Some(0xcc) && candidates.contains(&3) {
+            Some(3)
+        } else if before.map(|b| b[1]) == Some(0xce) && candidates.contains(&4) {
+            Some(4)
+        } else {
+            None
+        };
+        Ok(guess.unwrap_or_else(|| {
+            self.intercepts.stats.ambiguous += 1;
+            tracing::warn!(
+                ?candidates,
+                pc = st.rip,
+                "several watched vectors share this L2 handler: taken as vector {first}"
+            );
+            first
+        }))
+    }
+
+    /// `nested_exit::decide` on an exception exit (through the recorder
+    /// when recording), with the trace, timeline and counters of any other
+    /// L2 exit.
+    fn decide_exception(
+        &mut self,
+        observed: &Observed,
+        mem: &mut dyn GuestPhysMemory,
+    ) -> Result<Decision, NestedError> {
+        let vmcs12 = self.cpu.current_vmcs().ok_or(NestedError::NoCurrentVmcs)?;
+        let decision = match self.recorder.as_mut() {
+            Some(r) => {
+                let d = r.decide(&observed.exit, vmcs12, &observed.l2, mem, &self.policy);
+                if !d.reflects() {
+                    r.finish_exit(vmcs12);
+                }
+                d
+            }
+            None => decide(&observed.exit, vmcs12, &*mem, &self.policy),
+        };
+        self.note_decision(&observed.exit, observed.l2.rip, &decision);
+        let handler = if decision.reflects() {
+            Handler::L1
+        } else {
+            Handler::L0
+        };
+        *self.stats.exits.entry((0, handler)).or_default() += 1;
+        self.last_decision = Some((observed.exit.name(), decision.clone()));
+        Ok(decision)
+    }
+
+    /// Lets L2's handler run: one step with the breakpoints off (re-armed
+    /// at the next run). An exit during that step is handled as usual.
+    fn intercept_step_over(
+        &mut self,
+        vector: Option<u8>,
+        mem: &mut dyn GuestPhysMemory,
+        host: &mut dyn L2Host,
+    ) -> Result<L2Step, NestedError> {
+        if vector == Some(PF) {
+            self.stats.l2_page_faults_passed += 1;
+        }
+        if vector.is_some() {
+            self.intercepts.stats.passed += 1;
+        }
+        // No exit: nothing to report as IDT-vectoring information.
+        self.intercepts.idt_vectoring = None;
+        self.l2_cached = None;
+        match self.step_l2_once()? {
+            VmExit::Debug { .. } => Ok(L2Step::Resume),
+            other => self.handle_l2_exit(other, mem, host),
+        }
+    }
+
+    /// A #PF at L2's handler while vmcs12 enables EPT: if L2's paging walk
+    /// for CR2 reads a paging-structure entry in an L2-physical page L1's
+    /// EPT does not map for reading, the #PF is KVM's stand-in for an EPT
+    /// violation on a paging-structure access: exit 48 (a read, the
+    /// guest-linear address CR2, bit 8 clear, SDM 28.2.1) or 49 is
+    /// reflected at `pre`; if L1 maps it now, L0 rebuilds its slots and L2
+    /// retries. `None`: no EPT hole, the #PF is L2's.
+    fn pf_ept_hole(
+        &mut self,
+        st: &VcpuState,
+        pre: &VcpuState,
+        mem: &mut dyn GuestPhysMemory,
+    ) -> Result<Option<L2Step>, NestedError> {
+        let Some(ept) = self.l2_ept()? else {
+            return Ok(None);
+        };
+        let failed = {
+            let view = L2PhysView {
+                mem: &mut *mem,
+                ept: Some(ept),
+            };
+            let slots = self.l2_mem.as_ref().ok_or(NestedError::NoL2Vm)?;
+            failing_table_read(pre, st.cr2, &view, slots)
+        };
+        let Some(table_gpa) = failed else {
+            return Ok(None);
+        };
+        let max_gpa = self.max_l2_gpa();
+        let context = ViolationContext {
+            guest_linear_address_valid: true,
+            linear_translation: false,
+            nmi_unblocking: false,
+        };
+        match self.decide_ept(pre, mem, table_gpa, AccessKind::Read, st.cr2, context)? {
+            EptExitDecision::NoL1Ept(_) => Ok(None),
+            EptExitDecision::L0StaleMapping { decision, .. } => {
+                *self.stats.exits.entry((48, Handler::L0)).or_default() += 1;
+                self.note_decision(
+                    &stale_mapping_exit(AccessKind::Read, table_gpa),
+                    pre.rip,
+                    &decision,
+                );
+                self.last_decision = Some(("EPT violation", decision));
+                let slots = self.l2_mem.as_mut().ok_or(NestedError::NoL2Vm)?;
+                let mapping = L2Mapping::Ept {
+                    eptp: ept.eptp.encode(),
+                };
+                // An L2 page table: mapped from now on even without X.
+                slots.force_page(table_gpa);
+                slots.rebuild_on_demand(mapping, &ept, &*mem, max_gpa)?;
+                if slots.window_at(table_gpa).is_none() {
+                    return Err(NestedError::Unsupported(format!(
+                        "L2's page walk for {:#x} reads L2-physical {table_gpa:#x}, which L1's EPT maps outside RAM: KVM cannot walk page tables there",
+                        st.cr2
+                    )));
+                }
+                self.l2.set_state(pre).map_err(l2_err)?;
+                self.l2_cached = None;
+                Ok(Some(L2Step::Resume))
+            }
+            EptExitDecision::Reflect { exit, decision } => {
+                *self
+                    .stats
+                    .exits
+                    .entry((exit.basic_reason(), Handler::L1))
+                    .or_default() += 1;
+                self.stats.paging_structure_violations += 1;
+                tracing::debug!(table_gpa, cr2 = st.cr2, why = %decision.explanation, "L2 page walk hit an EPT hole");
+                self.note_decision(&exit, pre.rip, &decision);
+                self.last_decision = Some((exit.name(), decision));
+                self.l2_cached = None;
+                Ok(Some(L2Step::Reflect(Box::new(Observed {
+                    exit,
+                    l2: *pre,
+                    kvm_pending: false,
+                }))))
+            }
+        }
+    }
+
+    /// `KVM_EXIT_INTERNAL_ERROR` (emulation failure) of the L2 vCPU: on
+    /// this host KVM stops on L2's INT3 (0xCC) and INT n (0xCD) with RIP at
+    /// them instead of delivering the event (measured, also without guest
+    /// debugging). INT n is delivered to L2 (type 4, RIP + 2 pushed). INTO
+    /// (0xCE, outside 64-bit mode) and ICEBP (0xF1) are treated the same
+    /// way. L0 raises the exception itself: exit 0 (type 6 for INT3/INTO,
+    /// 5 for ICEBP, length 1, RIP at the instruction) when L1's bitmap asks
+    /// for the vector, else the event is delivered to L2's IDT (RIP past
+    /// the instruction, as the CPU pushes it). `None`: another
+    /// instruction, for the usual handling.
+    pub(super) fn intercept_on_emulation_failure(
+        &mut self,
+        insn_bytes: &[u8],
+        mem: &mut dyn GuestPhysMemory,
+    ) -> Result<Option<L2Step>, NestedError> {
+        let mut st = self.l2.get_state().map_err(l2_err)?;
+        let first = match insn_bytes.first() {
+            Some(&b) => Some(b),
+            None => {
+                let mut view = L2PhysView {
+                    mem: &mut *mem,
+                    ept: self.l2_ept()?,
+                };
+                read_code(&st, &mut view, st.rip, 1).and_then(|b| b.first().copied())
+            }
+        };
+        const RFLAGS_OF: u64 = 1 << 11;
+        if first == Some(0xcd) {
+            // INT n: a software interrupt, never an exception-bitmap exit
+            // (SDM 25.2): delivered to L2 with RIP + 2 pushed.
+            let n = match insn_bytes.get(1) {
+                Some(&n) => Some(n),
+                None => {
+                    let mut view = L2PhysView {
+                        mem: &mut *mem,
+                        ept: self.l2_ept()?,
+                    };
+                    read_code(&st, &mut view, st.rip, 2).and_then(|b| b.get(1).copied())
+                }
+            };
+            let Some(n) = n else {
+                return Ok(None);
+            };
+            self.intercepts.stats.software_interrupts += 1;
+            let ev = PendingEvent {
+                info: u32::from(n) | (4 << 8) | (1 << 31),
+                error_code: 0,
+                instruction_len: 2,
+            };
+            self.intercept_expect_delivery(ev);
+            st.pending_event = Some(ev);
+            let st = super::deliverable_event(st);
+            self.l2.set_state(&st).map_err(l2_err)?;
+            self.l2_cached = None;
+            return Ok(Some(L2Step::Resume));
+        }
+        let (vector, ty) = match first {
+            Some(0xcc) => (3, InterruptionType::SoftwareException),
+            Some(0xf1) => (1, InterruptionType::PrivilegedSoftwareException),
+            Some(0xce) if !st.in_64bit_mode() => {
+                if st.rflags & RFLAGS_OF == 0 {
+                    // INTO with OF clear does nothing.
+                    st.rip = st.rip.wrapping_add(1) & mode_mask(ExecMode::of(&st));
+                    self.l2.set_state(&st).map_err(l2_err)?;
+                    self.l2_cached = Some(st);
+                    return Ok(Some(L2Step::Resume));
+                }
+                (4, InterruptionType::SoftwareException)
+            }
+            _ => return Ok(None),
+        };
+        // The VM-entry checks of this L2 may have refreshed the bitmap.
+        if let Some(v) = self.cpu.current_vmcs() {
+            self.intercepts.wanted = wanted_vectors(v);
+        }
+        let exit = Exit::ExceptionOrNmi {
+            info: InterruptionInfo {
+                vector,
+                kind: ty,
+                error_code: None,
+                nmi_unblocking_iret: false,
+            },
+            qualification: ExceptionQualification::None,
+            len: 1,
+        };
+        if self.intercepts.wanted.contains(&vector) {
+            let observed = Observed {
+                exit,
+                l2: st,
+                kvm_pending: false,
+            };
+            if self.decide_exception(&observed, mem)?.reflects() {
+                self.intercepts.stats.reflected += 1;
+                self.l2_cached = None;
+                return Ok(Some(L2Step::Reflect(Box::new(observed))));
+            }
+        }
+        // Deliver it to L2 as the CPU would: RIP + 1 is pushed.
+        self.intercepts.stats.passed += 1;
+        let ev = PendingEvent {
+            info: u32::from(vector) | (exit_type_bits(ty) << 8) | (1 << 31),
+            error_code: 0,
+            instruction_len: 1,
+        };
+        self.intercept_expect_delivery(ev);
+        st.pending_event = Some(ev);
+        let st = super::deliverable_event(st);
+        self.l2.set_state(&st).map_err(l2_err)?;
+        self.l2_cached = None;
+        Ok(Some(L2Step::Resume))
+    }
+
+    /// Another part of L0 delivers `ev` into L2 now (through
+    /// `pending_event`): its arrival at a watched handler is a delivery,
+    /// not an exception L1 asked for (an external interrupt on vector 8 in
+    /// real mode, a #BP L0 raises for INT3). Call it from events.rs when
+    /// injecting into L2.
+    pub(super) fn intercept_expect_delivery(&mut self, ev: PendingEvent) {
+        let v = ev.info as u8;
+        if ev.info & (1 << 31) != 0 && self.debug.req.handlers.iter().any(|&(w, _)| w == v) {
+            self.intercepts.injected = Some(ev);
+        }
+    }
+
+    /// Counters of the exception intercepts, `(name, count)` for the run
+    /// summary (every row, also zero ones).
+    pub fn intercept_rows(&self) -> Vec<(&'static str, u64)> {
+        let s = &self.intercepts.stats;
+        vec![
+            ("exceptions reflected (exit 0)", s.reflected),
+            ("exceptions passed to L2's handler", s.passed),
+            ("injected events seen delivered", s.injected_delivered),
+            ("wanted vectors without a debug register", s.unarmed),
+            ("wanted vectors with an unreadable gate", s.unreadable_gates),
+            ("IDT changes found at a hit", s.idt_changes),
+            ("hits on a shared handler (guessed)", s.ambiguous),
+            ("handler hits without an exception", s.not_exceptions),
+            (
+                "faults while delivering an injected event",
+                s.during_delivery,
+            ),
+        ]
+    }
+
+    /// IDT-vectoring information of the exit being reflected, taken once
+    /// (the reflect path writes it after prepare_vmcs12).
+    pub(super) fn intercept_on_reflect(&mut self) -> Result<(), NestedError> {
+        let Some((info, ec)) = self.intercepts.idt_vectoring.take() else {
+            return Ok(());
+        };
+        let v = self
+            .cpu
+            .current_vmcs_mut()
+            .ok_or(NestedError::NoCurrentVmcs)?;
+        v.set(VmcsField::IDT_VECTORING_INFO_FIELD, u64::from(info));
+        let has_ec = info & (1 << 11) != 0;
+        v.set(
+            VmcsField::IDT_VECTORING_ERROR_CODE,
+            if has_ec { u64::from(ec) } else { 0 },
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hv::{GuestDebug, IoctlCounters, Vcpu};
+    use crate::nested::HostAction;
+    use nested_exit::state::DescriptorTable;
+    use proptest::prelude::*;
+    use std::collections::VecDeque;
+    use vmcs12::vmx::{CpuMode, InsnContext};
+    use vmcs12::{FlatMemory, VmxCapabilities, VmxCpu, VMCS_REVISION_ID};
+
+    const PML4: u64 = 0x1000;
+    const GDT: u64 = 0x6000;
+    const IDT: u64 = 0x6800;
+    const VMXON_REGION: u64 = 0x10000;
+    const VMCS_REGION: u64 = 0x11000;
+    const CODE: u64 = 0x10_0000;
+    const H6: u64 = 0x5000;
+    const H13: u64 = 0x5100;
+    const H14: u64 = 0x5200;
+    const STACK: u64 = 0x9_0000;
+
+    /// 4 MiB identity-mapped with 2 MiB pages; a GDT with 64-bit kernel
+    /// code 0x08, data 0x10, 32-bit code 0x18 (base 0x1000), user data
+    /// 0x23 and 64-bit user code 0x2b.
+    fn memory() -> FlatMemory {
+        let mut m = FlatMemory::new(0x40_0000);
+        m.write_u64(PML4, 0x2000 | 3).unwrap();
+        m.write_u64(0x2000, 0x3000 | 3).unwrap();
+        m.write_u64(0x3000, 0x83).unwrap();
+        m.write_u64(0x3008, 0x20_0000 | 0x83).unwrap();
+        let gdt: [u64; 6] = [
+            0,
+            0x00af_9b00_0000_ffff,
+            0x00cf_9300_0000_ffff,
+            0x00cf_9b00_1000_ffff,
+            0x00cf_f300_0000_ffff,
+            0x00af_fb00_0000_ffff,
+        ];
+        for (i, d) in gdt.iter().enumerate() {
+            m.write_u64(GDT + 8 * i as u64, *d).unwrap();
+        }
+        m.write_u32(VMXON_REGION, VMCS_REVISION_ID).unwrap();
+        m.write_u32(VMCS_REGION, VMCS_REVISION_ID).unwrap();
+        m
+    }
+
+    fn seg(selector: u16, ar: u32) -> Segment {
+        Segment {
+            selector,
+            base: 0,
+            limit: 0xffff_ffff,
+            ar,
+        }
+    }
+
+    /// A 64-bit ring-0 L2 at CODE with the GDT and IDT above.
+    fn state64() -> VcpuState {
+        let mut s = VcpuState {
+            rip: CODE,
+            rflags: 2,
+            cr0: 0x8000_0031,
+            cr3: PML4,
+            cr4: 1 << 5,
+            cs: seg(0x08, 0xa09b),
+            ss: seg(0x10, 0xc093),
+            ds: seg(0x10, 0xc093),
+            es: seg(0x10, 0xc093),
+            fs: seg(0x10, 0xc093),
+            gs: seg(0x10, 0xc093),
+            ldtr: Segment {
+                ar: Segment::AR_UNUSABLE,
+                ..Segment::default()
+            },
+            gdtr: DescriptorTable {
+                base: GDT,
+                limit: 0x2f,
+            },
+            idtr: DescriptorTable {
+                base: IDT,
+                limit: 0xfff,
+            },
+            ..VcpuState::default()
+        };
+        s.msrs.efer = 0xd00 | VcpuState::EFER_LMA;
+        s.gprs.set(4, STACK);
+        s
+    }
+
+    /// A flat 32-bit protected-mode L2 without paging.
+    fn state32() -> VcpuState {
+        let mut s = state64();
+        s.cr0 = 0x11;
+        s.cr4 = 0;
+        s.msrs.efer = 0;
+        s.cs = seg(0x18, 0xc09b);
+        s.cs.base = 0x1000;
+        s.ss = seg(0x10, 0xc093);
+        s.idtr.limit = 0x7ff;
+        s
+    }
+
+    fn gate64(m: &mut FlatMemory, vector: u8, handler: u64, ty: u64, present: bool) {
+        let p = if present { 0x80 } else { 0 };
+        let lo = (handler & 0xffff)
+            | (0x08 << 16)
+            | ((p | ty) << 40)
+            | (((handler >> 16) & 0xffff) << 48);
+        m.write_u64(IDT + 16 * u64::from(vector), lo).unwrap();
+        m.write_u64(IDT + 16 * u64::from(vector) + 8, handler >> 32)
+            .unwrap();
+    }
+
+    fn gate32(m: &mut FlatMemory, vector: u8, selector: u64, handler: u64, ty: u64) {
+        let lo = (handler & 0xffff)
+            | (selector << 16)
+            | ((0x80 | ty) << 40)
+            | (((handler >> 16) & 0xffff) << 48);
+        m.write_u64(IDT + 8 * u64::from(vector), lo).unwrap();
+    }
+
+    /// Writes 8-byte slots at `at`.
+    fn push64(m: &mut FlatMemory, at: u64, slots: &[u64]) {
+        for (i, v) in slots.iter().enumerate() {
+            m.write_u64(at + 8 * i as u64, *v).unwrap();
+        }
+    }
+
+    fn push32(m: &mut FlatMemory, at: u64, slots: &[u32]) {
+        for (i, v) in slots.iter().enumerate() {
+            m.write_u32(at + 4 * i as u64, *v).unwrap();
+        }
+    }
+
+    #[test]
+    fn test_pf_exits_follows_mask_and_match_truth_table() {
+        // Exhaustive over 4-bit masks, matches and error codes.
+        for bit14 in [false, true] {
+            for mask in 0..16u32 {
+                for mtch in 0..16u32 {
+                    let mut any = false;
+                    for pfec in 0..16u32 {
+                        let equal = pfec & mask == mtch;
+                        let want = if bit14 { equal } else { !equal };
+                        assert_eq!(pf_exits(bit14, mask, mtch, pfec), want);
+                        any |= want;
+                    }
+                    assert_eq!(
+                        pf_may_exit(bit14, mask, mtch),
+                        any,
+                        "{bit14} {mask:x} {mtch:x}"
+                    );
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn test_pf_exits_matches_the_reference(bit14: bool, mask: u32, mtch: u32, pfec: u32) {
+            let reference = if bit14 { pfec & mask == mtch } else { pfec & mask != mtch };
+            prop_assert_eq!(pf_exits(bit14, mask, mtch, pfec), reference);
+            if pf_exits(bit14, mask, mtch, pfec) {
+                prop_assert!(pf_may_exit(bit14, mask, mtch));
+            }
+        }
+
+        #[test]
+        fn test_unwind_never_panics_on_any_frame(words in proptest::collection::vec(any::<u64>(), 10),
+                                                 kind in 0..4u8, ec: bool) {
+            let mut m = memory();
+            push64(&mut m, 0x8_ff00, &words);
+            let mut s = if kind == 0 { state64() } else { state32() };
+            if kind == 3 {
+                s.cr0 = 0x10;
+            }
+            s.gprs.set(4, 0x8_ff00);
+            let k = [FrameKind::Long, FrameKind::Protected32, FrameKind::Protected16, FrameKind::Real][kind as usize];
+            let _ = unwind_frame(&s, &mut m, k, ec);
+            let _ = recognise(&s, &mut m, 13, k);
+        }
+    }
+
+    #[test]
+    fn test_wanted_vectors_skip_nmi_and_filter_page_faults() {
+        let mut v = Vmcs12::new();
+        v.set(VmcsField::EXCEPTION_BITMAP, (1 << 2) | (1 << 6) | (1 << 14));
+        assert_eq!(wanted_vectors(&v), vec![6, 14]);
+        // Bit 14 set, match outside the mask: no #PF can exit.
+        v.set(VmcsField::PAGE_FAULT_ERROR_CODE_MATCH, 4);
+        assert_eq!(wanted_vectors(&v), vec![6]);
+        // Bit 14 clear, mask and match 0: never; match != 0: always.
+        v.set(VmcsField::EXCEPTION_BITMAP, 0);
+        v.set(VmcsField::PAGE_FAULT_ERROR_CODE_MATCH, 0);
+        assert!(wanted_vectors(&v).is_empty());
+        v.set(VmcsField::PAGE_FAULT_ERROR_CODE_MATCH, 1);
+        assert_eq!(wanted_vectors(&v), vec![14]);
+    }
+
+    #[test]
+    fn test_gates_of_each_mode() {
+        let mut m = memory();
+        let s = state64();
+        gate64(&mut m, 6, 0xffff_8000_0012_3456, 0xe, true);
+        gate64(&mut m, 7, H6, 0xe, false);
+        gate64(&mut m, 8, H6, 0xc, true);
+        let g = read_gate(&s, &mut m, 6).unwrap();
+        assert_eq!((g.linear, g.kind), (0xffff_8000_0012_3456, FrameKind::Long));
+        assert_eq!(read_gate(&s, &mut m, 7), Err(GateError::NotPresent));
+        assert_eq!(read_gate(&s, &mut m, 8), Err(GateError::BadType));
+        let mut short = s;
+        short.idtr.limit = 16 * 6 + 14;
+        assert_eq!(read_gate(&short, &mut m, 6), Err(GateError::BeyondLimit));
+        short.idtr.limit = 16 * 6 + 15;
+        assert!(read_gate(&short, &mut m, 6).is_ok());
+        // 32-bit: 8-byte gates, the handler's CS base (0x1000) added.
+        let mut m = memory();
+        let s = state32();
+        gate32(&mut m, 13, 0x18, 0x2345, 0xf);
+        gate32(&mut m, 6, 0x08, 0x100, 0x6);
+        gate32(&mut m, 8, 0x20, 0, 0x5);
+        gate32(&mut m, 9, 0x40, 0x100, 0xe);
+        let g = read_gate(&s, &mut m, 13).unwrap();
+        assert_eq!((g.linear, g.kind), (0x3345, FrameKind::Protected32));
+        assert_eq!(
+            read_gate(&s, &mut m, 6).unwrap().kind,
+            FrameKind::Protected16
+        );
+        assert_eq!(read_gate(&s, &mut m, 8), Err(GateError::TaskGate));
+        // Selector 0x40 lies beyond the GDT limit.
+        assert_eq!(read_gate(&s, &mut m, 9), Err(GateError::Unreadable));
+        // Real mode: the IVT's CS:IP.
+        let mut r = state32();
+        r.cr0 = 0x10;
+        r.idtr = DescriptorTable {
+            base: 0,
+            limit: 0x3ff,
+        };
+        m.write_u32(6 * 4, 0x0700_0123).unwrap();
+        let g = read_gate(&r, &mut m, 6).unwrap();
+        assert_eq!((g.linear, g.kind), (0x7123, FrameKind::Real));
+    }
+
+    #[test]
+    fn test_unwind_64bit_frame_same_privilege_and_from_user() {
+        let mut m = memory();
+        let mut s = state64();
+        // #GP(0x18) at ring 0: error code, RIP, CS, RFLAGS, RSP, SS.
+        push64(
+            &mut m,
+            0x8_ffc0,
+            &[0x18, CODE + 3, 0x08, 0x10246, STACK, 0x10],
+        );
+        s.gprs.set(4, 0x8_ffc0);
+        s.rflags = 2;
+        let u = unwind_frame(&s, &mut m, FrameKind::Long, true).unwrap();
+        assert_eq!(u.error_code, Some(0x18));
+        assert_eq!(
+            (u.pre.rip, u.pre.rflags, u.pre.gprs.get(4)),
+            (CODE + 3, 0x10246, STACK)
+        );
+        assert_eq!(u.pre.cs, s.cs);
+        // From ring 3: CS 0x2b and SS 0x23 come from the GDT.
+        push64(&mut m, 0x8_ffc8, &[0x40_1000, 0x2b, 0x202, 0x7_0000, 0x23]);
+        s.gprs.set(4, 0x8_ffc8);
+        let u = unwind_frame(&s, &mut m, FrameKind::Long, false).unwrap();
+        assert_eq!(u.error_code, None);
+        assert_eq!((u.pre.cs.selector, u.pre.cs.ar), (0x2b, 0xa0fb));
+        assert_eq!((u.pre.ss.selector, u.pre.ss.ar), (0x23, 0xc0f3));
+        assert_eq!(u.pre.ss.limit, 0xffff_ffff);
+        // A frame with RFLAGS bit 1 clear is no frame.
+        push64(&mut m, 0x8_ffc8, &[0x40_1000, 0x2b, 0x200, 0x7_0000, 0x23]);
+        assert!(unwind_frame(&s, &mut m, FrameKind::Long, false).is_none());
+        // A selector beyond the GDT limit cannot be restored.
+        push64(&mut m, 0x8_ffc8, &[0x40_1000, 0x33, 0x202, 0x7_0000, 0x23]);
+        assert!(unwind_frame(&s, &mut m, FrameKind::Long, false).is_none());
+    }
+
+    #[test]
+    fn test_unwind_32bit_frame_with_and_without_privilege_change() {
+        let mut m = memory();
+        let mut s = state32();
+        // Same privilege: error code, EIP, CS, EFLAGS; no SS:ESP.
+        push32(&mut m, 0x8_fff0, &[0x10, 0x200, 0x18, 0x202]);
+        s.gprs.set(4, 0x8_fff0);
+        let u = unwind_frame(&s, &mut m, FrameKind::Protected32, true).unwrap();
+        assert_eq!(u.error_code, Some(0x10));
+        assert_eq!((u.pre.rip, u.pre.rflags), (0x200, 0x202));
+        assert_eq!(u.pre.gprs.get(4), 0x9_0000);
+        // From ring 3 (CS 0x23 is data, but any RPL-3 selector shows the
+        // change): SS:ESP follow.
+        push32(&mut m, 0x8_ffec, &[0x300, 0x23, 0x202, 0x7_0000, 0x23]);
+        s.gprs.set(4, 0x8_ffec);
+        let u = unwind_frame(&s, &mut m, FrameKind::Protected32, false).unwrap();
+        assert_eq!((u.pre.gprs.get(4), u.pre.ss.selector), (0x7_0000, 0x23));
+        assert_eq!(u.pre.cs.ar & 0x60, 0x60);
+        // Virtual-8086 mode: SS:ESP and ES, DS, FS, GS, real-mode bases.
+        push32(
+            &mut m,
+            0x8_ffd0,
+            &[
+                0x10, 0x2000, 0x2_0202, 0xfff0, 0x3000, 0x10, 0x11, 0x12, 0x13,
+            ],
+        );
+        s.gprs.set(4, 0x8_ffd0);
+        let u = unwind_frame(&s, &mut m, FrameKind::Protected32, false).unwrap();
+        assert_eq!(u.pre.cs.base, 0x2_0000);
+        assert_eq!(u.pre.ss.base, 0x3_0000);
+        assert_eq!(u.pre.gs.base, 0x130);
+        assert_ne!(u.pre.rflags & VcpuState::RFLAGS_VM, 0);
+    }
+
+    #[test]
+    fn test_unwind_real_mode_frame() {
+        let mut m = memory();
+        let mut s = state32();
+        s.cr0 = 0x10;
+        s.ss = Segment {
+            selector: 0x700,
+            base: 0x7000,
+            limit: 0xffff,
+            ar: 0x93,
+        };
+        s.gprs.set(4, 0xfffa);
+        s.rflags = 0x2;
+        // IP, CS, FLAGS at SS:SP.
+        m.write(0x7000 + 0xfffa, &[0x34, 0x12, 0x00, 0x08, 0x02, 0x02])
+            .unwrap();
+        let u = unwind_frame(&s, &mut m, FrameKind::Real, true).unwrap();
+        assert_eq!(u.error_code, None);
+        assert_eq!(
+            (u.pre.rip, u.pre.cs.selector, u.pre.cs.base),
+            (0x1234, 0x800, 0x8000)
+        );
+        assert_eq!((u.pre.rflags, u.pre.gprs.get(4)), (0x202, 0x0));
+    }
+
+    #[test]
+    fn test_classify_types_and_lengths() {
+        use InterruptionType as T;
+        assert_eq!(
+            classify(3, Some([0x90, 0xcc]), false),
+            Some((T::SoftwareException, 1))
+        );
+        assert_eq!(classify(3, Some([0xcd, 0x03]), false), None);
+        assert_eq!(classify(3, Some([0x90, 0x90]), false), None);
+        assert_eq!(
+            classify(4, Some([0x90, 0xce]), false),
+            Some((T::SoftwareException, 1))
+        );
+        assert_eq!(
+            classify(1, Some([0x90, 0xf1]), false),
+            Some((T::PrivilegedSoftwareException, 1))
+        );
+        assert_eq!(
+            classify(1, Some([0x90, 0xf1]), true),
+            Some((T::HardwareException, 0))
+        );
+        assert_eq!(
+            classify(6, Some([0x0f, 0x0b]), false),
+            Some((T::HardwareException, 0))
+        );
+        assert_eq!(classify(6, Some([0xcd, 0x06]), false), None);
+        assert_eq!(classify(13, None, false), Some((T::HardwareException, 0)));
+    }
+
+    #[test]
+    fn test_recognise_int3_moves_rip_back_and_int_n_is_no_exception() {
+        let mut m = memory();
+        let mut s = state64();
+        m.write(CODE, &[0xcc, 0xcd, 0x0d, 0x90]).unwrap();
+        push64(&mut m, 0x8_ffd8, &[CODE + 1, 0x08, 0x202, STACK, 0x10]);
+        s.gprs.set(4, 0x8_ffd8);
+        let r = recognise(&s, &mut m, 3, FrameKind::Long).unwrap();
+        let Exit::ExceptionOrNmi { info, len, .. } = r.exit else {
+            panic!("{:?}", r.exit);
+        };
+        assert_eq!(info.encode().0, 0x8000_0603);
+        assert_eq!((len, r.l2.rip), (1, CODE));
+        // INT 0x0d: vector 13's handler, no error code on the stack.
+        push64(&mut m, 0x8_ffd8, &[CODE + 3, 0x08, 0x202, STACK, 0x10]);
+        assert!(recognise(&s, &mut m, 13, FrameKind::Long).is_err());
+        // A real #GP has its error code.
+        push64(&mut m, 0x8_ffd0, &[0, CODE + 3, 0x08, 0x202, STACK, 0x10]);
+        s.gprs.set(4, 0x8_ffd0);
+        let r = recognise(&s, &mut m, 13, FrameKind::Long).unwrap();
+        assert_eq!(r.exit.to_info().intr_info, 0x8000_0b0d);
+        assert_eq!(r.l2.rip, CODE + 3);
+        // #PF: CR2 in the qualification.
+        s.cr2 = 0xdead_0000;
+        push64(&mut m, 0x8_ffd0, &[2, CODE + 3, 0x08, 0x202, STACK, 0x10]);
+        let r = recognise(&s, &mut m, 14, FrameKind::Long).unwrap();
+        let info = r.exit.to_info();
+        assert_eq!((info.intr_info, info.intr_error_code), (0x8000_0b0e, 2));
+        assert_eq!(info.qualification, 0xdead_0000);
+        assert_eq!(r.l2.cr2, 0xdead_0000);
+    }
+
+    // --- Nested with a scripted L2 vCPU ---
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("fake vCPU: {0}")]
+    struct FakeError(&'static str);
+
+    type Effect = Box<dyn FnMut(&mut VcpuState)>;
+
+    struct Fake {
+        state: VcpuState,
+        script: VecDeque<(VmExit, Effect)>,
+        debug: Vec<GuestDebug>,
+        runs: usize,
+    }
+
+    impl Vcpu for Fake {
+        type Error = FakeError;
+        fn run(&mut self) -> Result<VmExit, FakeError> {
+            self.runs += 1;
+            let (exit, mut effect) = self.script.pop_front().ok_or(FakeError("script ended"))?;
+            effect(&mut self.state);
+            Ok(exit)
+        }
+        fn get_state(&mut self) -> Result<VcpuState, FakeError> {
+            Ok(self.state)
+        }
+        fn set_state(&mut self, state: &VcpuState) -> Result<(), FakeError> {
+            self.state = *state;
+            Ok(())
+        }
+        fn complete_io_in(&mut self, _data: u32) {}
+        fn complete_mmio_read(&mut self, _data: &[u8]) {}
+        fn complete_rdmsr(&mut self, _value: Option<u64>) {}
+        fn complete_wrmsr(&mut self, _ok: bool) {}
+        fn inject_exception(&mut self, _v: u8, _e: Option<u32>) -> Result<(), FakeError> {
+            Ok(())
+        }
+        fn counters(&self) -> IoctlCounters {
+            IoctlCounters::default()
+        }
+    }
+
+    impl FlushPending for Fake {
+        fn flush_pending(&mut self) -> Result<(), FakeError> {
+            Ok(())
+        }
+        fn set_guest_debug(&mut self, dbg: &GuestDebug) -> Result<bool, FakeError> {
+            self.debug.push(*dbg);
+            Ok(true)
+        }
+    }
+
+    struct NoHost;
+
+    impl L2Host for NoHost {
+        fn l2_io_out(&mut self, _port: u16, _size: u8, _data: u32) -> HostAction {
+            HostAction::Continue
+        }
+        fn l2_io_in(&mut self, _port: u16, _size: u8) -> u32 {
+            0
+        }
+        fn l2_rdmsr(&mut self, _index: u32) -> Option<u64> {
+            None
+        }
+        fn l2_wrmsr(&mut self, _index: u32, _value: u64) -> bool {
+            false
+        }
+    }
+
+    struct Rig {
+        nested: Nested<Fake>,
+        mem: FlatMemory,
+    }
+
+    impl Rig {
+        /// VMX root operation with a current vmcs12 whose exception
+        /// bitmap is `bitmap`; L2's IDT has handlers for 6, 13 and 14.
+        fn new(bitmap: u32) -> Self {
+            let mut mem = memory();
+            let mut cpu = VmxCpu::new(VmxCapabilities::default());
+            let ctx = InsnContext {
+                cpl: 0,
+                mode: CpuMode::Long64,
+                cr0: 0x8005_0033,
+                cr4: 0x2020,
+                vmxe: true,
+                blocked_by_mov_ss: false,
+            };
+            assert_eq!(
+                cpu.vmxon(&ctx, &mem, VMXON_REGION),
+                vmcs12::VmxOutcome::Succeed
+            );
+            assert_eq!(
+                cpu.vmptrld(&ctx, &mut mem, VMCS_REGION),
+                vmcs12::VmxOutcome::Succeed
+            );
+            let v = cpu.current_vmcs_mut().unwrap();
+            v.set(VmcsField::EXCEPTION_BITMAP, u64::from(bitmap));
+            gate64(&mut mem, 6, H6, 0xe, true);
+            gate64(&mut mem, 13, H13, 0xe, true);
+            gate64(&mut mem, 14, H14, 0xe, true);
+            let fake = Fake {
+                state: state64(),
+                script: VecDeque::new(),
+                debug: Vec::new(),
+                runs: 0,
+            };
+            Rig {
+                nested: Nested::new(cpu, fake),
+                mem,
+            }
+        }
+
+        fn vmcs(&mut self) -> &mut Vmcs12 {
+            self.nested.cpu.current_vmcs_mut().unwrap()
+        }
+
+        fn enter(&mut self, l2: VcpuState) {
+            self.nested.l2.state = l2;
+            self.nested.intercept_on_entry(&l2, &mut self.mem).unwrap();
+            self.nested.apply_l2_debug().unwrap();
+        }
+
+        /// The CPU delivered `vector` with `frame` (8-byte slots) to the
+        /// handler at `pc`: the breakpoint fires.
+        fn hit(&mut self, pc: u64, frame: &[u64]) -> L2Step {
+            let sp = STACK - 0x40;
+            push64(&mut self.mem, sp, frame);
+            self.nested.l2.state.rip = pc;
+            self.nested.l2.state.gprs.set(4, sp);
+            self.nested
+                .on_l2_debug(pc, 1, &mut self.mem, &mut NoHost)
+                .unwrap()
+        }
+
+        /// The single step over the handler's breakpoint.
+        fn expect_step(&mut self) {
+            self.nested.l2.script.push_back((
+                VmExit::Debug {
+                    pc: 0,
+                    dr6: 1 << 14,
+                },
+                Box::new(|_s: &mut VcpuState| {}),
+            ));
+        }
+    }
+
+    fn reflected(step: L2Step) -> Observed {
+        match step {
+            L2Step::Reflect(o) => *o,
+            L2Step::Resume => panic!("resumed, not reflected"),
+            L2Step::Stop(c) => panic!("stopped {c}"),
+            L2Step::Interrupted => panic!("interrupted"),
+        }
+    }
+
+    #[test]
+    fn test_ud_reflects_exit_0_at_the_faulting_rip() {
+        let mut rig = Rig::new((1 << 6) | (1 << 13));
+        rig.enter(state64());
+        assert_eq!(rig.nested.debug.req.handlers, vec![(6, H6), (13, H13)]);
+        let bps = rig.nested.l2.debug.last().unwrap().breakpoints;
+        assert_eq!(bps, [Some(H6), Some(H13), None, None]);
+        let o = reflected(rig.hit(H6, &[CODE, 0x08, 0x202, STACK, 0x10]));
+        let info = o.exit.to_info();
+        assert_eq!(
+            (info.reason, info.intr_info, info.instruction_len),
+            (0, 0x8000_0306, 0)
+        );
+        assert_eq!(
+            (o.l2.rip, o.l2.gprs.get(4), o.l2.rflags),
+            (CODE, STACK, 0x202)
+        );
+        assert_eq!(rig.nested.stats().exits.get(&(0, Handler::L1)), Some(&1));
+        assert_eq!(rig.nested.intercept_rows()[0].1, 1);
+        assert!(rig.nested.last_decision().unwrap().1.reflects());
+        // No step: the L2 vCPU did not run.
+        assert_eq!(rig.nested.l2.runs, 0);
+    }
+
+    #[test]
+    fn test_page_fault_mask_and_match_filter_the_exit() {
+        // Only write faults (error code bit 1) exit.
+        let mut rig = Rig::new(1 << 14);
+        rig.vmcs().set(VmcsField::PAGE_FAULT_ERROR_CODE_MASK, 2);
+        rig.vmcs().set(VmcsField::PAGE_FAULT_ERROR_CODE_MATCH, 2);
+        rig.enter(state64());
+        rig.nested.l2.state.cr2 = 0x7000_0000;
+        rig.expect_step();
+        let read = rig.hit(H14, &[0, CODE, 0x08, 0x202, STACK, 0x10]);
+        assert!(matches!(read, L2Step::Resume));
+        assert_eq!(rig.nested.l2.runs, 1, "stepped into L2's handler");
+        assert_eq!(rig.nested.stats().l2_page_faults_passed, 1);
+        assert_eq!(rig.nested.stats().exits.get(&(0, Handler::L0)), None);
+        rig.nested.apply_l2_debug().unwrap();
+        let o = reflected(rig.hit(H14, &[2, CODE, 0x08, 0x202, STACK, 0x10]));
+        let info = o.exit.to_info();
+        assert_eq!((info.intr_info, info.intr_error_code), (0x8000_0b0e, 2));
+        assert_eq!(info.qualification, 0x7000_0000);
+        assert_eq!(o.l2.cr2, 0x7000_0000);
+    }
+
+    #[test]
+    fn test_injected_event_reaches_l2_handler_then_exits_again() {
+        let mut rig = Rig::new(1 << 6);
+        let mut l2 = state64();
+        l2.pending_event = Some(PendingEvent {
+            info: 6 | (3 << 8) | (1 << 31),
+            error_code: 0,
+            instruction_len: 0,
+        });
+        rig.enter(l2);
+        rig.expect_step();
+        let step = rig.hit(H6, &[CODE, 0x08, 0x202, STACK, 0x10]);
+        assert!(matches!(step, L2Step::Resume));
+        assert_eq!(rig.nested.intercept_rows()[2].1, 1);
+        assert_eq!(rig.nested.stats().exits.get(&(0, Handler::L1)), None);
+        // The handler returns, the UD2 runs again: a new exit.
+        rig.nested.apply_l2_debug().unwrap();
+        let o = reflected(rig.hit(H6, &[CODE, 0x08, 0x202, STACK, 0x10]));
+        assert_eq!(o.exit.to_info().intr_info, 0x8000_0306);
+    }
+
+    #[test]
+    fn test_fault_while_delivering_an_injected_event_sets_idt_vectoring() {
+        let mut rig = Rig::new((1 << 6) | (1 << 14));
+        let mut l2 = state64();
+        l2.pending_event = Some(PendingEvent {
+            info: 13 | (3 << 8) | (1 << 11) | (1 << 31),
+            error_code: 0x18,
+            instruction_len: 0,
+        });
+        rig.enter(l2);
+        // 13 is not wanted but watched for the injected event.
+        assert!(rig.nested.debug.req.handlers.contains(&(13, H13)));
+        rig.nested.l2.state.cr2 = 0x8_f000;
+        let o = reflected(rig.hit(H14, &[3, CODE, 0x08, 0x202, STACK, 0x10]));
+        assert_eq!(o.exit.to_info().intr_info, 0x8000_0b0e);
+        rig.nested.intercept_on_reflect().unwrap();
+        let v = rig.vmcs();
+        assert_eq!(v.get(VmcsField::IDT_VECTORING_INFO_FIELD), 0x8000_0b0d);
+        assert_eq!(v.get(VmcsField::IDT_VECTORING_ERROR_CODE), 0x18);
+        assert_eq!(rig.nested.intercept_rows()[8].1, 1);
+    }
+
+    #[test]
+    fn test_more_vectors_than_registers_are_counted() {
+        let mut rig = Rig::new((1 << 0) | (1 << 1) | (1 << 3) | (1 << 6) | (1 << 13));
+        for (v, h) in [(0u8, 0x5300u64), (1, 0x5400), (3, 0x5500)] {
+            gate64(&mut rig.mem, v, h, 0xe, true);
+        }
+        rig.enter(state64());
+        let armed = rig.nested.l2.debug.last().unwrap().breakpoints;
+        assert!(armed.iter().all(Option::is_some));
+        assert!(!armed.contains(&Some(H13)));
+        assert_eq!(rig.nested.intercept_rows()[3].1, 1);
+        // Once per entry.
+        let l2 = rig.nested.l2.state;
+        rig.nested.refresh_handlers(&l2, &mut rig.mem).unwrap();
+        assert_eq!(rig.nested.intercept_rows()[3].1, 1);
+    }
+
+    #[test]
+    fn test_idt_change_is_found_at_the_next_hit() {
+        let mut rig = Rig::new(1 << 6);
+        rig.enter(state64());
+        // L2 points gate 6 elsewhere; a breakpoint on the old handler is
+        // no #UD any more.
+        gate64(&mut rig.mem, 6, 0x5800, 0xe, true);
+        rig.expect_step();
+        let step = rig.hit(H6, &[CODE, 0x08, 0x202, STACK, 0x10]);
+        assert!(matches!(step, L2Step::Resume));
+        assert_eq!(rig.nested.debug.req.handlers, vec![(6, 0x5800)]);
+        let rows = rig.nested.intercept_rows();
+        assert_eq!((rows[5].1, rows[7].1), (1, 1));
+        rig.nested.apply_l2_debug().unwrap();
+        let o = reflected(rig.hit(0x5800, &[CODE, 0x08, 0x202, STACK, 0x10]));
+        assert_eq!(o.exit.to_info().intr_info, 0x8000_0306);
+    }
+
+    #[test]
+    fn test_shared_handler_is_told_apart_by_the_instruction() {
+        let mut rig = Rig::new((1 << 3) | (1 << 6));
+        gate64(&mut rig.mem, 3, H6, 0xe, true);
+        rig.mem.write(CODE, &[0xcc, 0x90, 0x0f, 0x0b]).unwrap();
+        rig.enter(state64());
+        let o = reflected(rig.hit(H6, &[CODE + 1, 0x08, 0x202, STACK, 0x10]));
+        let info = o.exit.to_info();
+        assert_eq!((info.intr_info, info.instruction_len), (0x8000_0603, 1));
+        assert_eq!(o.l2.rip, CODE);
+        rig.nested.apply_l2_debug().unwrap();
+        let o = reflected(rig.hit(H6, &[CODE + 2, 0x08, 0x202, STACK, 0x10]));
+        assert_eq!(o.exit.to_info().intr_info, 0x8000_0306);
+        assert_eq!(rig.nested.intercept_rows()[6].1, 0);
+    }
+
+    #[test]
+    fn test_int3_kvm_stops_on_exits_when_wanted_else_reaches_l2() {
+        let mut rig = Rig::new(1 << 3);
+        rig.enter(state64());
+        let step = rig
+            .nested
+            .intercept_on_emulation_failure(&[0xcc], &mut rig.mem)
+            .unwrap()
+            .unwrap();
+        let o = reflected(step);
+        let info = o.exit.to_info();
+        assert_eq!((info.intr_info, info.instruction_len), (0x8000_0603, 1));
+        assert_eq!(o.l2.rip, CODE);
+        // Not wanted: delivered to L2 with the return RIP after the INT3.
+        let mut rig = Rig::new(1 << 6);
+        rig.enter(state64());
+        let step = rig
+            .nested
+            .intercept_on_emulation_failure(&[], &mut rig.mem)
+            .unwrap();
+        assert!(step.is_none(), "bytes at RIP are not INT3: usual handling");
+        rig.mem.write(CODE, &[0xcc]).unwrap();
+        let step = rig
+            .nested
+            .intercept_on_emulation_failure(&[], &mut rig.mem)
+            .unwrap();
+        assert!(matches!(step, Some(L2Step::Resume)));
+        let s = rig.nested.l2.state;
+        assert_eq!(s.rip, CODE + 1);
+        assert_eq!(s.pending_event.unwrap().info, 0x8000_0603);
+    }
+
+    #[test]
+    fn test_int_n_kvm_stops_on_is_a_software_interrupt_for_l2() {
+        let mut rig = Rig::new(1 << 13);
+        rig.enter(state64());
+        let step = rig
+            .nested
+            .intercept_on_emulation_failure(&[0xcd, 0x0d], &mut rig.mem)
+            .unwrap();
+        assert!(matches!(step, Some(L2Step::Resume)));
+        let s = rig.nested.l2.state;
+        assert_eq!(
+            (s.rip, s.pending_event.unwrap().info),
+            (CODE + 2, 0x8000_040d)
+        );
+        assert_eq!(rig.nested.stats().exits.get(&(0, Handler::L1)), None);
+        // Its arrival at the watched vector-13 handler is stepped over.
+        rig.nested.apply_l2_debug().unwrap();
+        rig.expect_step();
+        let step = rig.hit(H13, &[CODE + 2, 0x08, 0x202, STACK, 0x10]);
+        assert!(matches!(step, L2Step::Resume));
+        assert_eq!(rig.nested.intercept_rows()[2].1, 1);
+        // Any other instruction is not intercept's.
+        let step = rig
+            .nested
+            .intercept_on_emulation_failure(&[0x0f, 0x01, 0xc1], &mut rig.mem)
+            .unwrap();
+        assert!(step.is_none());
     }
 }

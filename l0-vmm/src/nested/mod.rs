@@ -23,6 +23,9 @@ mod intercept;
 mod precise;
 mod watchdog;
 
+pub use events::{EventStats, L1Lapic};
+pub use watchdog::{VmcallWatchdogStats, DEFAULT_VMCALL_WATCHDOG};
+
 use iced_x86::{
     Code, Decoder, DecoderOptions, Instruction, InstructionInfoFactory, OpAccess, Register,
 };
@@ -138,6 +141,20 @@ pub trait FlushPending: Vcpu {
     fn set_kick_after(&mut self, _after: Option<std::time::Duration>) -> Result<bool, Self::Error> {
         Ok(false)
     }
+
+    /// Elements of the current string OUT (`outs`, `rep outs`) that KVM
+    /// already performed and has not reported yet: KVM runs a batch of
+    /// elements before `KVM_EXIT_IO`, so RSI (and RCX) are past all of
+    /// them when the first is reported.
+    fn string_out_elements_queued(&self) -> u32 {
+        0
+    }
+
+    /// The guest TSC's rate in kHz (`KVM_GET_TSC_KHZ`), `None` if unknown
+    /// (events.rs: the VMX-preemption timer's clock).
+    fn tsc_khz(&mut self) -> Result<Option<u32>, Self::Error> {
+        Ok(None)
+    }
 }
 
 impl FlushPending for crate::kvm::KvmVcpu {
@@ -151,6 +168,19 @@ impl FlushPending for crate::kvm::KvmVcpu {
     fn set_guest_debug(&mut self, dbg: &GuestDebug) -> Result<bool, Self::Error> {
         self.apply_guest_debug(dbg)?;
         Ok(true)
+    }
+
+    fn set_kick_after(&mut self, after: Option<std::time::Duration>) -> Result<bool, Self::Error> {
+        crate::kvm::KvmVcpu::set_kick_after(self, after)?;
+        Ok(true)
+    }
+
+    fn tsc_khz(&mut self) -> Result<Option<u32>, Self::Error> {
+        crate::kvm::KvmVcpu::tsc_khz(self)
+    }
+
+    fn string_out_elements_queued(&self) -> u32 {
+        self.out_elements_queued()
     }
 }
 
@@ -272,6 +302,10 @@ pub struct Nested<V: FlushPending> {
     cpu: VmxCpu,
     /// Virtual CR4.VMXE (KVM refuses the real bit on this host).
     vmxe: bool,
+    /// L0 sees L1's `mov cr4` that sets VMXE (the #GP-handler breakpoint
+    /// is armed): VMXON then needs VMXE as the SDM says; otherwise a VMXON
+    /// is taken as "VMXE was set".
+    vmxe_observable: bool,
     l2: V,
     /// What the L2 vCPU holds (after the last set_state or exit), if known.
     l2_cached: Option<VcpuState>,
@@ -332,6 +366,7 @@ impl<V: FlushPending> Nested<V> {
         Self {
             cpu,
             vmxe: false,
+            vmxe_observable: false,
             l2,
             l2_cached: None,
             l1_at_entry: VcpuState::default(),
@@ -547,6 +582,19 @@ impl<V: FlushPending> Nested<V> {
         self.vmxe
     }
 
+    /// Sets the virtual CR4.VMXE (L0 completed L1's `mov cr4` through the
+    /// #GP-handler breakpoint, `l1_intercept.rs`).
+    pub fn set_vmxe(&mut self, on: bool) {
+        self.vmxe = on;
+    }
+
+    /// Says whether L0 sees L1's `mov cr4` setting VMXE (its #GP handler
+    /// carries L0's breakpoint). While it does, VMXON with VMXE clear
+    /// raises #UD (SDM 31.3, VMXON); while it does not, VMXON implies VMXE.
+    pub fn set_vmxe_observable(&mut self, on: bool) {
+        self.vmxe_observable = on;
+    }
+
     /// CR4 as L1 sees it: the hardware value with the virtual VMXE.
     pub fn l1_visible_cr4(&self, hw_cr4: u64) -> u64 {
         if self.vmxe {
@@ -559,6 +607,44 @@ impl<V: FlushPending> Nested<V> {
     /// Counters.
     pub fn stats(&self) -> &NestedStats {
         &self.stats
+    }
+
+    /// Counters of the exits KVM hides and of time and interrupts, for the
+    /// run summary: `(what, count)`, only the non-zero ones.
+    pub fn hidden_exit_rows(&self) -> Vec<(String, u64)> {
+        let p = self.precise_stats();
+        let e = self.event_stats();
+        let mut rows: Vec<(String, u64)> = self
+            .intercept_rows()
+            .into_iter()
+            .map(|(k, n)| (k.to_string(), n))
+            .collect();
+        rows.extend([
+            ("precise mode: plans".to_string(), p.plans),
+            ("precise mode: instructions decoded".to_string(), p.decoded),
+            ("precise mode: stops reached".to_string(), p.stop_hits),
+            ("precise mode: single steps".to_string(), p.steps),
+            ("precise mode: exits reflected".to_string(), p.reflected),
+            ("precise mode: exits kept by L0".to_string(), p.kept_by_l0),
+            (
+                "precise mode: CR reads emulated".to_string(),
+                p.emulated_reads,
+            ),
+            ("events: single steps (MTF, windows)".to_string(), e.steps),
+            (
+                "events: L1 interrupts delivered in L2".to_string(),
+                e.delivered_in_l2,
+            ),
+            (
+                "events: L1 interrupts acknowledged".to_string(),
+                e.acknowledged,
+            ),
+            ("events: L1 LAPIC reads".to_string(), e.l1_apic_reads),
+            ("events: waits for a halted L2".to_string(), e.halt_waits),
+            ("events: L2 EOIs forwarded".to_string(), e.l2_eois),
+        ]);
+        rows.retain(|(_, n)| *n > 0);
+        rows
     }
 
     /// Takes the (RIP, vector) of the last fault injected into L1 for a VMX
@@ -598,9 +684,10 @@ impl<V: FlushPending> Nested<V> {
             Err(e) => return Ok(VmxExitOutcome::NotVmx(e)),
         };
         let kind = decoded.kind;
-        // Virtual CR4.VMXE: L1 cannot set the real bit here (KVM #GPs it),
-        // so a VMXON is taken as "VMXE was set" (docs/architecture.md).
-        if kind == VmxInstruction::Vmxon {
+        // Virtual CR4.VMXE: L1 cannot set the real bit here (KVM #GPs it).
+        // Unless L0 sees L1's `mov cr4` (#GP-handler breakpoint), a VMXON is
+        // taken as "VMXE was set" (docs/architecture.md).
+        if kind == VmxInstruction::Vmxon && !self.vmxe_observable {
             self.vmxe = true;
         }
         self.stats.vmx_instructions[kind.index()] += 1;
@@ -613,7 +700,12 @@ impl<V: FlushPending> Nested<V> {
         }
         match step {
             VmxStep::Completed { kind, outcome } => {
-                if kind == VmxInstruction::Vmxoff && outcome == VmxOutcome::Succeed {
+                // VMXOFF leaves CR4.VMXE as it is (SDM 31.3); the implied
+                // VMXE of an unobserved L1 ends with VMX operation.
+                if kind == VmxInstruction::Vmxoff
+                    && outcome == VmxOutcome::Succeed
+                    && !self.vmxe_observable
+                {
                     self.vmxe = false;
                 }
                 // INVEPT (single-context or all-context): EPT-derived
@@ -798,6 +890,12 @@ impl<V: FlushPending> Nested<V> {
         match exit {
             VmExit::Interrupted => return Ok(L2Step::Interrupted),
             VmExit::Debug { pc, dr6 } => return self.on_l2_debug(pc, dr6, mem, host),
+            // INT3/INTO/ICEBP stop KVM on this host (intercept.rs).
+            VmExit::EmulationFailure { ref insn_bytes } => {
+                if let Some(step) = self.intercept_on_emulation_failure(insn_bytes, mem)? {
+                    return Ok(step);
+                }
+            }
             VmExit::Kicked => {
                 if let Some(step) = self.events_on_kicked(mem)? {
                     return Ok(step);
@@ -820,6 +918,36 @@ impl<V: FlushPending> Nested<V> {
             }
         }
         let observed = self.observe(&exit, mem)?;
+        if self.decide_observed(&observed, mem)? {
+            // The L2 vCPU must not complete the access later, over what L1
+            // writes into vmcs12: finish it now with a neutral answer.
+            match exit {
+                VmExit::IoIn { .. } => self.l2.complete_io_in(0),
+                VmExit::MmioRead { len, .. } => {
+                    self.l2.complete_mmio_read(&vec![0xff; usize::from(len)])
+                }
+                VmExit::RdMsr { .. } => self.l2.complete_rdmsr(Some(0)),
+                VmExit::WrMsr { .. } => self.l2.complete_wrmsr(true),
+                _ => {}
+            }
+            if observed.kvm_pending {
+                self.l2.flush_pending().map_err(l2_err)?;
+            }
+            // The vCPU no longer holds a state L0 knows exactly.
+            self.l2_cached = None;
+            return Ok(L2Step::Reflect(Box::new(observed)));
+        }
+        self.handle_in_l0(exit, &observed, host)
+    }
+
+    /// Decides an observed L2 exit (recorder, trace, timeline, stats, last
+    /// decision): `true` if it goes to L1. Shared by every path that turns
+    /// something L2 did into an exit (KVM exits, the VMCALL watchdog).
+    fn decide_observed(
+        &mut self,
+        observed: &Observed,
+        mem: &mut dyn GuestPhysMemory,
+    ) -> Result<bool, NestedError> {
         let vmcs12 = self.cpu.current_vmcs().ok_or(NestedError::NoCurrentVmcs)?;
         let decision = match self.recorder.as_mut() {
             Some(r) => {
@@ -842,26 +970,7 @@ impl<V: FlushPending> Nested<V> {
         *self.stats.exits.entry((reason, handler)).or_default() += 1;
         let reflects = decision.reflects();
         self.last_decision = Some((observed.exit.name(), decision));
-        if reflects {
-            // The L2 vCPU must not complete the access later, over what L1
-            // writes into vmcs12: finish it now with a neutral answer.
-            match exit {
-                VmExit::IoIn { .. } => self.l2.complete_io_in(0),
-                VmExit::MmioRead { len, .. } => {
-                    self.l2.complete_mmio_read(&vec![0xff; usize::from(len)])
-                }
-                VmExit::RdMsr { .. } => self.l2.complete_rdmsr(Some(0)),
-                VmExit::WrMsr { .. } => self.l2.complete_wrmsr(true),
-                _ => {}
-            }
-            if observed.kvm_pending {
-                self.l2.flush_pending().map_err(l2_err)?;
-            }
-            // The vCPU no longer holds a state L0 knows exactly.
-            self.l2_cached = None;
-            return Ok(L2Step::Reflect(Box::new(observed)));
-        }
-        self.handle_in_l0(exit, &observed, host)
+        Ok(reflects)
     }
 
     /// L0 completes an exit L1 did not ask for.
@@ -915,7 +1024,13 @@ impl<V: FlushPending> Nested<V> {
                 self.l2.complete_mmio_read(&vec![0xff; usize::from(len)]);
                 Ok(L2Step::Resume)
             }
-            VmExit::MmioWrite { .. } => Ok(L2Step::Resume),
+            VmExit::MmioWrite { gpa, data } => {
+                // L2's EOI to the local APIC at L1's address (events.rs).
+                self.events_on_l2_mmio_write(gpa, &data)?;
+                Ok(L2Step::Resume)
+            }
+            // HLT that L1 does not intercept: L2 halts (events.rs).
+            VmExit::Hlt => self.events_on_l2_hlt(),
             other => Err(NestedError::Unsupported(format!(
                 "{} ({other:?}) is L0's to handle by the decision \"{}\", but L0 cannot complete it for L2 here",
                 observed.exit.name(),
@@ -1101,138 +1216,6 @@ impl<V: FlushPending> Nested<V> {
         }))))
     }
 
-    /// With EPT on and L2 in IA-32e mode with paging, arms an instruction
-    /// breakpoint on L2's #PF handler (IDT gate 14): KVM's own walk of L2's
-    /// page tables answers a table in an L2-physical page without a slot with
-    /// a #PF inside L2, which L0 sees only there (host facts: a breakpoint
-    /// on the handler fires after delivery). Disarmed otherwise.
-    fn arm_pf_intercept(
-        &mut self,
-        l2: &VcpuState,
-        mem: &mut dyn GuestPhysMemory,
-    ) -> Result<(), NestedError> {
-        let want = match self.l2_ept()? {
-            Some(ept) if l2.msrs.efer & VcpuState::EFER_LMA != 0 && l2.cr0 & (1 << 31) != 0 => {
-                let mut view = L2PhysView {
-                    mem,
-                    ept: Some(ept),
-                };
-                pf_handler_address(l2, &mut view)
-            }
-            _ => None,
-        };
-        self.debug.req.handlers.retain(|&(v, _)| v != 14);
-        if let Some(addr) = want {
-            self.debug.req.handlers.insert(0, (14, addr));
-        }
-        Ok(())
-    }
-
-    /// L2's #PF handler was entered (breakpoint). If L2's paging walk for
-    /// CR2 reads a paging-structure entry in an L2-physical page L1's EPT
-    /// does not map for reading, the #PF is KVM's stand-in for an EPT
-    /// violation on a paging-structure access: the delivery is undone (RIP,
-    /// RSP, RFLAGS from the frame) and exit 48 is reflected with a read, the
-    /// guest-linear address CR2 and bit 8 clear (SDM 28.2.1), or 49; if L1
-    /// maps it now, L0 rebuilds its slots and L2 retries the instruction.
-    /// Any other #PF is L2's own: L0 steps over the breakpoint.
-    fn handle_pf_breakpoint(
-        &mut self,
-        mem: &mut dyn GuestPhysMemory,
-        host: &mut dyn L2Host,
-    ) -> Result<L2Step, NestedError> {
-        let st = self.l2.get_state().map_err(l2_err)?;
-        let Some(ept) = self.l2_ept()? else {
-            return self.step_over_pf_breakpoint(mem, host);
-        };
-        let pre = {
-            let mut view = L2PhysView {
-                mem: &mut *mem,
-                ept: Some(ept),
-            };
-            fault_frame_state(&st, &mut view)
-        };
-        let Some(pre) = pre else {
-            return self.step_over_pf_breakpoint(mem, host);
-        };
-        let failed = {
-            let view = L2PhysView {
-                mem: &mut *mem,
-                ept: Some(ept),
-            };
-            let slots = self.l2_mem.as_ref().ok_or(NestedError::NoL2Vm)?;
-            failing_table_read(&pre, st.cr2, &view, slots)
-        };
-        let Some(table_gpa) = failed else {
-            return self.step_over_pf_breakpoint(mem, host);
-        };
-        let max_gpa = self.max_l2_gpa();
-        let context = ViolationContext {
-            guest_linear_address_valid: true,
-            linear_translation: false,
-            nmi_unblocking: false,
-        };
-        match self.decide_ept(&pre, mem, table_gpa, AccessKind::Read, st.cr2, context)? {
-            EptExitDecision::NoL1Ept(_) => self.step_over_pf_breakpoint(mem, host),
-            EptExitDecision::L0StaleMapping { decision, .. } => {
-                *self.stats.exits.entry((48, Handler::L0)).or_default() += 1;
-                self.note_decision(
-                    &stale_mapping_exit(AccessKind::Read, table_gpa),
-                    pre.rip,
-                    &decision,
-                );
-                self.last_decision = Some(("EPT violation", decision));
-                let slots = self.l2_mem.as_mut().ok_or(NestedError::NoL2Vm)?;
-                let mapping = L2Mapping::Ept {
-                    eptp: ept.eptp.encode(),
-                };
-                // An L2 page table: mapped from now on even without X.
-                slots.force_page(table_gpa);
-                slots.rebuild_on_demand(mapping, &ept, &*mem, max_gpa)?;
-                if slots.window_at(table_gpa).is_none() {
-                    return Err(NestedError::Unsupported(format!(
-                        "L2's page walk for {:#x} reads L2-physical {table_gpa:#x}, which L1's EPT maps outside RAM: KVM cannot walk page tables there",
-                        st.cr2
-                    )));
-                }
-                self.l2.set_state(&pre).map_err(l2_err)?;
-                self.l2_cached = None;
-                Ok(L2Step::Resume)
-            }
-            EptExitDecision::Reflect { exit, decision } => {
-                *self
-                    .stats
-                    .exits
-                    .entry((exit.basic_reason(), Handler::L1))
-                    .or_default() += 1;
-                self.stats.paging_structure_violations += 1;
-                tracing::debug!(table_gpa, cr2 = st.cr2, why = %decision.explanation, "L2 page walk hit an EPT hole");
-                self.note_decision(&exit, pre.rip, &decision);
-                self.last_decision = Some((exit.name(), decision));
-                self.l2_cached = None;
-                Ok(L2Step::Reflect(Box::new(Observed {
-                    exit,
-                    l2: pre,
-                    kvm_pending: false,
-                })))
-            }
-        }
-    }
-
-    /// Lets L2's own #PF handler run: one step with the breakpoint off,
-    /// then re-armed. An exit during that step is handled as usual.
-    fn step_over_pf_breakpoint(
-        &mut self,
-        mem: &mut dyn GuestPhysMemory,
-        host: &mut dyn L2Host,
-    ) -> Result<L2Step, NestedError> {
-        self.stats.l2_page_faults_passed += 1;
-        match self.step_l2_once()? {
-            VmExit::Debug { .. } => Ok(L2Step::Resume),
-            other => self.handle_l2_exit(other, mem, host),
-        }
-    }
-
     /// Turns a KVM exit of the L2 vCPU into the VMX exit a CPU would have
     /// produced, with L2's state at the instruction that caused it.
     pub fn observe(
@@ -1263,6 +1246,12 @@ impl<V: FlushPending> Nested<V> {
                     );
                 }
                 l2.rip = start.start;
+                if io.string {
+                    // VMX exits before the first element; KVM performed a
+                    // batch (this one and those still queued) first.
+                    let done = 1 + u64::from(self.l2.string_out_elements_queued());
+                    rewind_string_out(&mut l2, &io, done, mem);
+                }
                 Exit::Io {
                     io,
                     len: u32::from(start.len),
@@ -1364,6 +1353,8 @@ impl<V: FlushPending> Nested<V> {
         }
         // Timers, interruptibility and activity state into vmcs12.
         self.events_on_reflect(&observed)?;
+        // IDT-vectoring information of an exception met during delivery.
+        self.intercept_on_reflect()?;
         let vmcs12 = self
             .cpu
             .current_vmcs_mut()
@@ -1497,6 +1488,40 @@ impl VmxProbe {
                 _ => {}
             }
         }
+    }
+}
+
+/// Puts RSI (and RCX for REP) of a string OUT back by `done` elements,
+/// in the instruction's address size (SDM 28.3.3: an I/O exit happens
+/// before the instruction performs any element).
+fn rewind_string_out(
+    l2: &mut VcpuState,
+    io: &IoQualification,
+    done: u64,
+    mem: &mut dyn GuestPhysMemory,
+) {
+    const RCX: usize = 1;
+    const RSI: usize = 6;
+    let mode = ExecMode::of(l2);
+    let addr_mask = read_code(l2, mem, l2.rip, 15)
+        .and_then(|b| decode_one(&b, mode, l2.rip))
+        .map_or(mode_mask(mode), |insn| match insn.memory_base() {
+            Register::SI => 0xffff,
+            Register::ESI => 0xffff_ffff,
+            _ => u64::MAX,
+        });
+    let bytes = done.wrapping_mul(u64::from(io.size.bytes()));
+    let keep = |old: u64, new: u64| (old & !addr_mask) | (new & addr_mask);
+    let regs = &mut l2.gprs.regs;
+    // EFLAGS.DF (bit 10): the string walks down.
+    let rsi = if l2.rflags & (1 << 10) != 0 {
+        regs[RSI].wrapping_add(bytes)
+    } else {
+        regs[RSI].wrapping_sub(bytes)
+    };
+    regs[RSI] = keep(regs[RSI], rsi);
+    if io.rep {
+        regs[RCX] = keep(regs[RCX], regs[RCX].wrapping_add(done));
     }
 }
 
@@ -1904,51 +1929,6 @@ pub fn deliverable_event(mut s: VcpuState) -> VcpuState {
     s
 }
 
-/// The linear address of the 64-bit IDT gate 14 handler of `state`, if
-/// the gate is present and readable.
-fn pf_handler_address(state: &VcpuState, mem: &mut dyn GuestPhysMemory) -> Option<u64> {
-    const VECTOR: u64 = 14;
-    if u64::from(state.idtr.limit) < VECTOR * 16 + 15 {
-        return None;
-    }
-    let mut gate = [0u8; 16];
-    let la = state.idtr.base.wrapping_add(VECTOR * 16);
-    access_linear(state, mem, la, &mut gate, Access::Read)
-        .ok()?
-        .ok()?;
-    let lo = u64::from_le_bytes(gate[..8].try_into().ok()?);
-    let hi = u64::from_le_bytes(gate[8..].try_into().ok()?);
-    if lo & (1 << 47) == 0 {
-        return None;
-    }
-    Some((lo & 0xffff) | ((lo >> 32) & 0xffff_0000) | (hi << 32))
-}
-
-/// L2's state before the #PF whose 64-bit frame (error code, RIP, CS,
-/// RFLAGS, RSP, SS) is at `state`'s RSP; `None` when it cannot be read or
-/// the fault changed CS/SS (a privilege change: the hidden parts of the old
-/// segments are not in the frame).
-fn fault_frame_state(state: &VcpuState, mem: &mut dyn GuestPhysMemory) -> Option<VcpuState> {
-    let mut frame = [0u8; 48];
-    access_linear(state, mem, state.gprs.get(4), &mut frame, Access::Read)
-        .ok()?
-        .ok()?;
-    let q = |i: usize| -> Option<u64> {
-        Some(u64::from_le_bytes(
-            frame.get(i * 8..i * 8 + 8)?.try_into().ok()?,
-        ))
-    };
-    let (rip, cs, rflags, rsp, ss) = (q(1)?, q(2)?, q(3)?, q(4)?, q(5)?);
-    if cs as u16 != state.cs.selector || ss as u16 != state.ss.selector {
-        return None;
-    }
-    let mut pre = *state;
-    pre.rip = rip;
-    pre.rflags = rflags;
-    pre.gprs.set(4, rsp);
-    Some(pre)
-}
-
 /// Records the first read KVM's page walker could not make: an L2-physical
 /// page without a slot (L1's EPT does not map it for reading, or L0 has not
 /// mapped it yet); the read then fails, as KVM's did.
@@ -2332,6 +2312,8 @@ mod tests {
         injected: Vec<(u8, Option<u32>)>,
         completions: Vec<String>,
         flushes: usize,
+        /// The last `set_kick_after`.
+        kick: Option<std::time::Duration>,
     }
 
     impl Fake {
@@ -2344,6 +2326,7 @@ mod tests {
                 injected: Vec::new(),
                 completions: Vec::new(),
                 flushes: 0,
+                kick: None,
             }
         }
 
@@ -2410,7 +2393,18 @@ mod tests {
             }
             Ok(true)
         }
+        fn set_kick_after(
+            &mut self,
+            after: Option<std::time::Duration>,
+        ) -> Result<bool, FakeError> {
+            self.kick = after;
+            Ok(true)
+        }
     }
+
+    /// Unit tests of events.rs on this fixture (helper "events"):
+    /// `nested/tests/events.rs`.
+    mod events;
 
     #[derive(Default)]
     struct Host {
@@ -3008,6 +3002,47 @@ mod tests {
     }
 
     #[test]
+    fn test_vmxon_without_observed_vmxe_raises_ud() {
+        let mut rig = Rig::new();
+        // VMXOFF, then a VMXON while L0 sees L1's CR4 writes and L1 has
+        // cleared VMXE: #UD (SDM 31.3). Without observation VMXON implies it.
+        rig.exec(&[0x0f, 0x01, 0xc4]);
+        rig.nested.set_vmxe_observable(true);
+        rig.nested.set_vmxe(false);
+        rig.l1.state.gprs.set(0, PTRS);
+        rig.exec(&[0xf3, 0x0f, 0xc7, 0x30]);
+        assert_eq!(rig.l1.injected, vec![(6, None)]);
+        assert_eq!(
+            rig.nested.cpu().vmx_operation(),
+            vmcs12::vmx::VmxOperation::Outside
+        );
+        rig.nested.set_vmxe(true);
+        rig.exec(&[0xf3, 0x0f, 0xc7, 0x30]);
+        assert_ne!(
+            rig.nested.cpu().vmx_operation(),
+            vmcs12::vmx::VmxOperation::Outside
+        );
+        // VMXOFF keeps an observed VMXE.
+        rig.exec(&[0x0f, 0x01, 0xc4]);
+        assert!(rig.nested.vmxe());
+    }
+
+    #[test]
+    fn test_vmxon_implies_vmxe_when_cr4_writes_are_unseen() {
+        let mut rig = Rig::new();
+        rig.exec(&[0x0f, 0x01, 0xc4]);
+        assert!(!rig.nested.vmxe());
+        rig.l1.state.gprs.set(0, PTRS);
+        rig.exec(&[0xf3, 0x0f, 0xc7, 0x30]);
+        assert!(rig.l1.injected.is_empty());
+        assert_ne!(
+            rig.nested.cpu().vmx_operation(),
+            vmcs12::vmx::VmxOperation::Outside
+        );
+        assert!(rig.nested.vmxe());
+    }
+
+    #[test]
     fn test_non_vmx_bytes_are_returned_to_the_caller() {
         let mut rig = Rig::new();
         let out = rig.exec(&[0x0f, 0x0b]);
@@ -3238,6 +3273,10 @@ mod tests {
     #[test]
     fn test_ept_read_violation_reflected_with_gla() {
         let (mut rig, _log) = ept_rig();
+        // Precise mode would arm its stop after the load: this test counts
+        // the completions of the MMIO path alone.
+        rig.nested
+            .set_precise(crate::precise_decode::PreciseMode::Off);
         // mov rax, [rbx]
         rig.l2_code(&[0x48, 0x8b, 0x03]);
         rig.nested.l2.then(

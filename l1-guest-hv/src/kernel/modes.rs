@@ -610,12 +610,19 @@ fn vmx_errors(caps: &Caps, c: &mut Checks) {
         FailInvalid,
         vmx::vmclear(a | 0x10),
     );
+    // VMCALL in root operation: VMfail(1) (SDM 31.3), no current VMCS.
+    c.outcome("vmcall-no-current-vmcs", FailInvalid, vmx::vmcall());
 
     // With a current VMCS: VMfailValid(n).
     c.outcome("vmclear", Succeed, vmx::vmclear(a));
     c.outcome("vmptrld", Succeed, vmx::vmptrld(a));
     let cur = vmx::vmptrst();
     c.check("vmptrst", Hex(a), ShowResult(cur), cur == Ok(a));
+    c.outcome(
+        "vmcall-in-root",
+        fail_valid(E::VmcallInVmxRoot),
+        vmx::vmcall(),
+    );
     c.outcome(
         "vmxon-twice",
         fail_valid(E::VmxonInVmxRoot),
@@ -824,6 +831,11 @@ fn vmx_errors(caps: &Caps, c: &mut Checks) {
         "vmread-outside-vmx",
         VmxOutcome::Fault(VmxFault::InvalidOpcode),
         vmx::vmread(VmcsField::GUEST_RIP).err().unwrap_or(Succeed),
+    );
+    c.outcome(
+        "vmcall-outside-vmx",
+        VmxOutcome::Fault(VmxFault::InvalidOpcode),
+        vmx::vmcall(),
     );
     c.outcome("vmxon-again", Succeed, vmx::vmxon(vmxon_pa));
     c.outcome("vmxoff-again", Succeed, vmx::vmxoff());

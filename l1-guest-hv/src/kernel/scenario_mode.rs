@@ -8,20 +8,89 @@
 use l1_guest_hv::caps::{adjust_control, apply_fixed};
 use l1_guest_hv::exit::{reason, ExitLine, IoQualification, LineBuffer, ShowOutcome};
 use l1_guest_hv::scenario::{
-    self as sc, Action, EptHole, ExitRecord, Header, Next, ResultsHeader, StartMode, VmcsWrite,
+    self as sc, Action, EptHole, ExitRecord, Header, MemRange, Next, OpResult, ResultsHeader,
+    StartMode, VmcsWrite, VmxOp,
 };
 use l1_guest_hv::segment::AR_UNUSABLE;
 use l1_guest_hv::text::{Hex, Sink};
 use vmcs12::controls::{EntryControls, PrimaryProcBased, SecondaryProcBased};
 use vmcs12::{VmcsField, VmxFault, VmxOutcome};
 
-use crate::cpu::Page;
-use crate::hv::{self, write_or_say as wr, Caps, GuestSpec, IO_PAGE_A, IO_PAGE_B, MSR_PAGE};
+use core::arch::global_asm;
+
+use crate::cpu::{Global, Page};
+use crate::hv::{
+    self, init_region, write_or_say as wr, Caps, GuestSpec, IO_PAGE_A, IO_PAGE_B, MSR_PAGE, VMCS_A,
+    VMXON_REGION,
+};
 use crate::modes::{load_vmcs, Checks};
 use crate::vmx::{self, GuestRegs};
 
 /// EFER.LMA.
 const EFER_LMA: u64 = 1 << 10;
+
+/// A VMCS region with the right revision identifier for `[[l1.vmx]]`
+/// operations (`address = "spare-vmcs"`).
+static SPARE_VMCS: Page = Global::new([0; 4096]);
+/// A region whose revision identifier is wrong (`"bad-revision"`).
+static BAD_REVISION: Page = Global::new([0; 4096]);
+
+extern "C" {
+    /// `mov ss, ax` (same selector) then VMLAUNCH, so VMLAUNCH runs with
+    /// blocking by MOV SS (SDM 26.1: VMfailValid(26)). Returns 0 when a VM
+    /// exit came back (HOST_RIP must be `l1_scen_movss_landing`), 1
+    /// VMfailInvalid, 2 VMfailValid, 3 fault.
+    fn l1_scen_movss_vmlaunch() -> u64;
+    /// HOST_RIP while `l1_scen_movss_vmlaunch` runs.
+    fn l1_scen_movss_landing();
+}
+
+global_asm!(
+    r#"
+    .section .text.scenario, "ax"
+    .globl l1_scen_movss_vmlaunch
+l1_scen_movss_vmlaunch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, l1_scen_saved_rsp(%rip)
+    movw %ss, %ax
+    movw %ax, %ss
+2:  vmlaunch
+    movl $1, %eax
+    jc 7f
+    movl $2, %eax
+    jz 7f
+    movl $3, %eax
+7:  movq l1_scen_saved_rsp(%rip), %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+8:  movl $3, %eax
+    jmp 7b
+    .globl l1_scen_movss_landing
+l1_scen_movss_landing:
+    xorl %eax, %eax
+    jmp 7b
+    .pushsection .l1_extable, "a"
+    .quad 2b, 8b
+    .popsection
+
+    .section .bss.scenario, "aw", @nobits
+    .balign 8
+l1_scen_saved_rsp:
+    .skip 8
+    .text
+"#,
+    options(att_syntax)
+);
 
 fn scenario_bytes() -> &'static [u8] {
     // SAFETY: the boot page tables identity-map the first 4 GiB; L0 wrote
@@ -246,12 +315,193 @@ fn read_exit() -> ExitRecord {
         gla: r(GUEST_LINEAR_ADDRESS),
         idt_vectoring: r(IDT_VECTORING_INFO_FIELD) as u32,
         instruction_info: r(VMX_INSTRUCTION_INFO) as u32,
+        preemption_timer: r(VMX_PREEMPTION_TIMER_VALUE) as u32,
+        activity_state: r(GUEST_ACTIVITY_STATE) as u32,
+    }
+}
+
+/// VMWRITE of `value` combined with the field's current value as `mode`
+/// says (`sc::WRITE_*`; a failed VMREAD counts as 0).
+fn write_field(encoding: u32, mode: u32, value: u64) -> VmxOutcome {
+    let old = if mode == sc::WRITE_SET {
+        0
+    } else {
+        vmx::vmread_encoding(encoding.into()).unwrap_or(0)
+    };
+    vmx::vmwrite_encoding(encoding.into(), sc::combine(mode, old, value))
+}
+
+/// Arms L1's local-APIC timer as the scenario says (xAPIC MMIO).
+fn arm_lapic_timer(t: &sc::LapicTimer) {
+    if t.armed == 0 {
+        return;
+    }
+    let write = |off: u64, v: u32| {
+        // SAFETY: the boot page tables identity-map the first 4 GiB, so the
+        // local APIC page at 0xfee00000 is reachable; these are aligned
+        // 32-bit writes to APIC registers (SDM 11.4.1).
+        unsafe { core::ptr::write_volatile((sc::APIC_BASE + off) as *mut u32, v) };
+    };
+    // Said first: console output costs an exit per byte, which would eat
+    // into a short timer.
+    say!(
+        "L1: LAPIC timer LVT ",
+        Hex(t.lvt.into()),
+        " divide ",
+        Hex(t.tdcr.into()),
+        " count ",
+        t.tmict
+    );
+    // Software-enable the APIC (SVR bit 8, spurious vector 0xff), then the
+    // timer: divide, LVT, initial count (which starts it; SDM 11.5.4).
+    write(sc::APIC_SVR, 0x1ff);
+    write(sc::APIC_TDCR, t.tdcr);
+    write(sc::APIC_LVTT, t.lvt);
+    write(sc::APIC_TMICT, t.tmict);
+}
+
+fn op_address(op: &VmxOp) -> u64 {
+    let base = match op.base {
+        sc::BASE_VMXON => VMXON_REGION.addr(),
+        sc::BASE_VMCS => VMCS_A.addr(),
+        sc::BASE_SPARE => SPARE_VMCS.addr(),
+        sc::BASE_BAD_REVISION => BAD_REVISION.addr(),
+        _ => 0,
+    };
+    base.wrapping_add(op.a)
+}
+
+/// VMLAUNCH in the shadow of a MOV SS (see `l1_scen_movss_vmlaunch`).
+fn vmlaunch_after_mov_ss() -> (VmxOutcome, u64) {
+    let host_rip = vmx::vmread(VmcsField::HOST_RIP).unwrap_or(0);
+    let _ = vmx::vmwrite(
+        VmcsField::HOST_RIP,
+        l1_scen_movss_landing as *const () as u64,
+    );
+    crate::cpu::clear_fault();
+    // SAFETY: the routine saves and restores the callee-saved registers
+    // and the stack itself; a VM exit lands on l1_scen_movss_landing
+    // (HOST_RIP, written above), which restores them; a fault resumes
+    // through L1's exception table.
+    let r = unsafe { l1_scen_movss_vmlaunch() };
+    let out = match r {
+        0 => VmxOutcome::Succeed,
+        1 => VmxOutcome::FailInvalid,
+        2 => {
+            let err = vmx::vmread(VmcsField::VM_INSTRUCTION_ERROR).unwrap_or(0);
+            VmxOutcome::from_rflags(vmcs12::outcome::RFLAGS_ZF, err as u32)
+        }
+        _ => match crate::cpu::take_fault() {
+            Some(f) if f.vector == 6 => VmxOutcome::Fault(VmxFault::InvalidOpcode),
+            _ => VmxOutcome::Fault(VmxFault::GeneralProtection),
+        },
+    };
+    let _ = vmx::vmwrite(VmcsField::HOST_RIP, host_rip);
+    let value = if r == 0 {
+        vmx::vmread(VmcsField::VM_EXIT_REASON).unwrap_or(0)
+    } else {
+        0
+    };
+    (out, value)
+}
+
+/// VMCALL in VMX root operation; the outcome from RFLAGS (and
+/// VM_INSTRUCTION_ERROR), a fault through L1's exception table.
+fn vmcall_in_root() -> VmxOutcome {
+    let (cf, zf): (u8, u8);
+    crate::cpu::clear_fault();
+    // SAFETY: in VMX root operation VMCALL only sets RFLAGS (and the
+    // VM-instruction error field); a fault resumes at label 3.
+    unsafe {
+        core::arch::asm!(
+            "2:",
+            "vmcall",
+            "3:",
+            "setc {cf}",
+            "setz {zf}",
+            ".pushsection .l1_extable, \"a\"",
+            ".quad 2b, 3b",
+            ".popsection",
+            cf = out(reg_byte) cf,
+            zf = out(reg_byte) zf,
+            options(nomem, nostack)
+        );
+    }
+    if let Some(f) = crate::cpu::take_fault() {
+        return VmxOutcome::Fault(if f.vector == 6 {
+            VmxFault::InvalidOpcode
+        } else {
+            VmxFault::GeneralProtection
+        });
+    }
+    if cf != 0 {
+        return VmxOutcome::FailInvalid;
+    }
+    if zf != 0 {
+        let err = vmx::vmread(VmcsField::VM_INSTRUCTION_ERROR).unwrap_or(0);
+        return VmxOutcome::from_rflags(vmcs12::outcome::RFLAGS_ZF, err as u32);
+    }
+    VmxOutcome::Succeed
+}
+
+/// Executes one `[[l1.vmx]]` operation and says what L1 saw.
+fn exec_op(op: &VmxOp) -> OpResult {
+    let addr = op_address(op);
+    let entered = |launch: bool| match vmx::enter(launch) {
+        Ok(()) => (
+            VmxOutcome::Succeed,
+            vmx::vmread(VmcsField::VM_EXIT_REASON).unwrap_or(0),
+        ),
+        Err(o) => (o, 0),
+    };
+    let (outcome, value) = match op.op {
+        sc::OP_VMXON => (vmx::vmxon(addr), 0),
+        sc::OP_VMXOFF => (vmx::vmxoff(), 0),
+        sc::OP_VMCLEAR => (vmx::vmclear(addr), 0),
+        sc::OP_VMPTRLD => (vmx::vmptrld(addr), 0),
+        sc::OP_VMPTRST => match vmx::vmptrst() {
+            Ok(v) => (VmxOutcome::Succeed, v),
+            Err(o) => (o, 0),
+        },
+        sc::OP_VMREAD => match vmx::vmread_encoding(op.a) {
+            Ok(v) => (VmxOutcome::Succeed, v),
+            Err(o) => (o, 0),
+        },
+        sc::OP_VMWRITE => (vmx::vmwrite_encoding(op.a, op.b), 0),
+        sc::OP_VMLAUNCH => entered(true),
+        sc::OP_VMRESUME => entered(false),
+        sc::OP_INVEPT => (vmx::invept(op.a, [op.b, op.c]), 0),
+        sc::OP_INVVPID => (vmx::invvpid(op.a, [op.b, op.c]), 0),
+        sc::OP_VMLAUNCH_MOV_SS => vmlaunch_after_mov_ss(),
+        sc::OP_VMCALL => (vmcall_in_root(), 0),
+        _ => (VmxOutcome::Fault(VmxFault::InvalidOpcode), 0),
+    };
+    let name = sc::OP_NAMES.get(op.op as usize).copied().unwrap_or("?");
+    say!(
+        "L1: vmx op ",
+        name,
+        " addr/field ",
+        Hex(if op.base == sc::BASE_ABSOLUTE {
+            op.a
+        } else {
+            addr
+        }),
+        ": ",
+        ShowOutcome(outcome),
+        " value ",
+        Hex(value)
+    );
+    OpResult {
+        done: 1,
+        outcome: outcome_code(outcome),
+        value,
     }
 }
 
 /// State of one scenario run.
 struct Run<'a> {
     results: &'a mut [u8],
+    mode: StartMode,
     header: ResultsHeader,
     console: LineBuffer,
 }
@@ -270,6 +520,78 @@ impl Run<'_> {
         }
     }
 
+    /// Emulates an intercepted INS (storing `answer` per element at ES:RDI)
+    /// or OUTS (collecting the low byte of each element at DS:RSI as
+    /// console output), REP-prefixed or not, as the SDM's INS/OUTS
+    /// pseudo-code does: RDI/RSI step by the size (down when RFLAGS.DF),
+    /// RCX counts down to 0. Segments are flat (base 0) in every start
+    /// mode; the address size is the start mode's. Elements outside the L2
+    /// code areas (`CODE_MIN..CODE_END` without the scenario and results)
+    /// are skipped, so L2 cannot make L1 overwrite itself.
+    fn string_io(&mut self, q: IoQualification, answer: u64) {
+        let size = u64::from(q.size);
+        let amask = match self.mode {
+            StartMode::Real => 0xffff,
+            StartMode::Protected => 0xffff_ffff,
+            StartMode::Long => u64::MAX,
+        };
+        let df = vmx::vmread(VmcsField::GUEST_RFLAGS).unwrap_or(0) & (1 << 10) != 0;
+        let (index, ptr_reg) = if q.is_in { (7, "RDI") } else { (6, "RSI") };
+        let mut ptr = vmx::guest_reg(index) & amask;
+        let mut count = if q.rep {
+            vmx::guest_reg(GuestRegs::RCX) & amask
+        } else {
+            1
+        };
+        let mut done = 0u32;
+        while count != 0 && done < 4096 {
+            let inside = |a: u64| {
+                a >= sc::CODE_MIN
+                    && a.saturating_add(size) <= sc::CODE_END
+                    && !(a < sc::RESULTS_ADDR + sc::RESULTS_LEN as u64
+                        && a + size > sc::SCENARIO_ADDR)
+                    && !(a < 0x20_0000 && a + size > 0x10_0000)
+            };
+            if inside(ptr) {
+                // SAFETY: the element lies in identity-mapped RAM that is
+                // neither L1's image nor the scenario/results areas
+                // (checked by `inside`).
+                unsafe {
+                    let p = ptr as *mut u8;
+                    for i in 0..size as usize {
+                        if q.is_in {
+                            p.add(i).write_volatile((answer >> (8 * i)) as u8);
+                        } else if i == 0 {
+                            self.console_byte(p.read_volatile());
+                        }
+                    }
+                }
+            }
+            ptr = if df {
+                ptr.wrapping_sub(size)
+            } else {
+                ptr.wrapping_add(size)
+            } & amask;
+            count -= 1;
+            done += 1;
+        }
+        let keep = vmx::guest_reg(index) & !amask;
+        vmx::set_guest_reg(index, keep | ptr);
+        if q.rep {
+            let rcx = vmx::guest_reg(GuestRegs::RCX);
+            vmx::set_guest_reg(GuestRegs::RCX, (rcx & !amask) | count);
+        }
+        say!(
+            "L1: emulated ",
+            done,
+            if q.is_in { " INS" } else { " OUTS" },
+            " elements, ",
+            ptr_reg,
+            " now ",
+            Hex(ptr)
+        );
+    }
+
     /// Carries out `a` for `e`; the RIP to resume at, or `None` to stop.
     fn act(&mut self, a: &Action, e: &ExitRecord) -> Option<u64> {
         let basic = (e.reason & 0xffff) as u16;
@@ -281,6 +603,11 @@ impl Run<'_> {
                     vmx::set_guest_reg(GuestRegs::RAX, (rax & !mask) | (a.answer & mask));
                 } else if !q.is_in && !q.string && a.flags & sc::ACT_CONSOLE != 0 {
                     self.console_byte(rax as u8);
+                } else if q.string
+                    && ((q.is_in && a.flags & sc::ACT_ANSWER != 0)
+                        || (!q.is_in && a.flags & sc::ACT_CONSOLE != 0))
+                {
+                    self.string_io(q, a.answer);
                 }
             }
         }
@@ -301,7 +628,14 @@ impl Run<'_> {
             wr(VmcsField::VM_ENTRY_INSTRUCTION_LEN, a.inject_len.into());
         }
         if a.flags & sc::ACT_SET_FIELD != 0 {
-            let o = vmx::vmwrite_encoding(a.field.into(), a.value);
+            let mode = if a.flags & sc::ACT_SET_OR != 0 {
+                sc::WRITE_OR
+            } else if a.flags & sc::ACT_SET_CLEAR != 0 {
+                sc::WRITE_CLEAR
+            } else {
+                sc::WRITE_SET
+            };
+            let o = write_field(a.field, mode, a.value);
             say!(
                 "L1: vmwrite ",
                 Hex(a.field.into()),
@@ -316,6 +650,57 @@ impl Run<'_> {
             Next::Resume => Some(e.rip),
             Next::Jump => Some(a.target),
             Next::Stop => None,
+        }
+    }
+
+    /// Executes the scenario's VMX operations of `phase`, in table order.
+    fn run_ops(&mut self, blob: &[u8], h: &Header, phase: u32) {
+        let table = Header::bytes(blob, h.vmx_ops, sc::VMX_OP_LEN);
+        for (i, rec) in table
+            .chunks_exact(sc::VMX_OP_LEN)
+            .take(sc::MAX_VMX_OPS)
+            .enumerate()
+        {
+            let op = VmxOp::decode(rec);
+            if op.phase != phase {
+                continue;
+            }
+            let r = exec_op(&op);
+            let off = sc::op_result_offset(i);
+            if let Some(slot) = self.results.get_mut(off..off + sc::OP_RESULT_LEN) {
+                r.encode(slot);
+            }
+            self.header.ops_done += 1;
+        }
+    }
+
+    /// Copies the scenario's memory ranges into the results area.
+    fn copy_memory(&mut self, blob: &[u8], h: &Header) {
+        let table = Header::bytes(blob, h.memory, sc::MEM_RANGE_LEN);
+        for rec in table.chunks_exact(sc::MEM_RANGE_LEN) {
+            let m = MemRange::decode(rec);
+            let used = self.header.memory_len as usize;
+            let len = m.len as usize;
+            let inside = m
+                .addr
+                .checked_add(len as u64)
+                .is_some_and(|e| e <= sc::CODE_END);
+            if !inside || used + len > sc::RESULTS_MEMORY_MAX {
+                say!(
+                    "L1: memory range ",
+                    Hex(m.addr),
+                    " not copied (outside 8 MiB or too long)"
+                );
+                continue;
+            }
+            let at = sc::RESULTS_MEMORY_OFF + used;
+            if let Some(dst) = self.results.get_mut(at..at + len) {
+                // SAFETY: below CODE_END (8 MiB): identity-mapped guest RAM
+                // (checked above); only read.
+                let src = unsafe { core::slice::from_raw_parts(m.addr as *const u8, len) };
+                dst.copy_from_slice(src);
+                self.header.memory_len += m.len;
+            }
         }
     }
 
@@ -335,13 +720,19 @@ impl Run<'_> {
 
 /// Prints the used part of the results area as `scenario-results OFFSET
 /// HEX` lines (64 bytes each), so L0 can read it from the console too.
-fn dump_results(results: &[u8], header: &ResultsHeader) {
+fn dump_results(results: &[u8], header: &ResultsHeader, ops: usize) {
+    let ops = ops.min(sc::MAX_VMX_OPS);
     let records = (header.exits as usize).min(sc::MAX_EXIT_RECORDS);
     let ranges = [
         (0, sc::exit_record_offset(records)),
         (
             sc::RESULTS_CONSOLE_OFF,
             sc::RESULTS_CONSOLE_OFF + header.console_len as usize,
+        ),
+        (sc::RESULTS_OPS_OFF, sc::op_result_offset(ops)),
+        (
+            sc::RESULTS_MEMORY_OFF,
+            sc::RESULTS_MEMORY_OFF + header.memory_len as usize,
         ),
     ];
     for (start, end) in ranges {
@@ -367,6 +758,7 @@ pub fn scenario(caps: &Caps, checks: &mut Checks) {
     results.fill(0);
     let mut run = Run {
         results,
+        mode: StartMode::Long,
         header: ResultsHeader::default(),
         console: LineBuffer::new(),
     };
@@ -399,12 +791,17 @@ pub fn scenario(caps: &Caps, checks: &mut Checks) {
         " VMCS writes"
     );
     checks.check("scenario-loaded", "a scenario", "a scenario", true);
+    run.mode = h.mode;
     if !load_code(&h, blob) {
         run.header.status = sc::STATUS_BAD_SCENARIO;
         run.header.encode(run.results);
         checks.check("scenario-code", "inside the code area", "outside", false);
         return;
     }
+    let ops = h.vmx_ops.count as usize;
+    init_region(&SPARE_VMCS, caps.basic.revision_id);
+    init_region(&BAD_REVISION, caps.basic.revision_id.wrapping_add(1));
+    run.run_ops(blob, &h, sc::PHASE_SETUP);
     let mut eptp = 0;
     if h.flags & sc::FLAG_EPT != 0 {
         let Some(p) = crate::ept_mode::build_identity_ept(caps, checks) else {
@@ -468,7 +865,7 @@ pub fn scenario(caps: &Caps, checks: &mut Checks) {
         }
         for rec in Header::bytes(blob, h.writes, sc::WRITE_LEN).chunks_exact(sc::WRITE_LEN) {
             let w = VmcsWrite::decode(rec);
-            let o = vmx::vmwrite_encoding(w.encoding.into(), w.value);
+            let o = write_field(w.encoding, w.mode, w.value);
             say!(
                 "L1: vmwrite ",
                 Hex(w.encoding.into()),
@@ -484,9 +881,11 @@ pub fn scenario(caps: &Caps, checks: &mut Checks) {
         run.header.status = sc::STATUS_SETUP_FAILED;
         run.header.encode(run.results);
         checks.check("scenario-vmcs", "written", "VMWRITE failed", false);
-        dump_results(run.results, &run.header);
+        dump_results(run.results, &run.header, ops);
         return;
     }
+    run.run_ops(blob, &h, sc::PHASE_LAUNCH);
+    arm_lapic_timer(&h.lapic_timer);
     let mut launched = false;
     loop {
         if run.header.exits >= h.max_exits {
@@ -533,13 +932,16 @@ pub fn scenario(caps: &Caps, checks: &mut Checks) {
         }
     }
     run.finish();
+    run.copy_memory(blob, &h);
+    run.run_ops(blob, &h, sc::PHASE_END);
+    run.header.encode(run.results);
     say!(
         "L1: scenario done: ",
         run.header.exits,
         " exits, status ",
         run.header.status
     );
-    dump_results(run.results, &run.header);
+    dump_results(run.results, &run.header, ops);
     let ran = run.header.status != sc::STATUS_SETUP_FAILED;
     checks.check(
         "scenario-ran",

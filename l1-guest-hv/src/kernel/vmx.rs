@@ -301,6 +301,16 @@ pub fn vmxoff() -> VmxOutcome {
     outcome(cf, zf)
 }
 
+/// VMCALL outside VMX non-root operation: #UD outside VMX operation,
+/// VMfail(VMCALL executed in VMX root operation) in root (SDM 31.3).
+pub fn vmcall() -> VmxOutcome {
+    clear_fault();
+    // SAFETY: VMCALL in root operation only sets RFLAGS (or the
+    // VM-instruction error field); a fault resumes at label 3.
+    let (cf, zf) = unsafe { vmx_insn!("vmcall", [], nomem, nostack) };
+    outcome(cf, zf)
+}
+
 macro_rules! vmx_inv_op {
     ($name:ident, $insn:literal, $doc:literal) => {
         #[doc = $doc]
