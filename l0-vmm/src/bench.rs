@@ -151,11 +151,12 @@ fn run_once(w: &Workload, n: u64, mode: PreciseMode) -> Result<RunCounts, String
         timeout: Some(Duration::from_secs(120)),
         ..Default::default()
     };
+    let before = precise_decode::thread_default();
     precise_decode::set_thread_default(mode);
     let start = Instant::now();
     let report = run_kernel(&image, &opts, Box::new(CaptureSink::new()));
     let wall = start.elapsed();
-    precise_decode::set_thread_default(PreciseMode::On);
+    precise_decode::set_thread_default(before);
     let report = report.map_err(|e| e.to_string())?;
     let reflected = report.stats.l2_exits.iter().map(|r| r.3).sum();
     Ok(RunCounts {

@@ -273,6 +273,12 @@ impl RunShared {
                 }
             }
             let guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            // `nudge` notifies under the lock: a stop that came after the
+            // check at the top is seen here, or its wake-up reaches the
+            // wait below (else `Drop` would wait out the whole timeout).
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
             match due {
                 Some((at, why)) => {
                     let now = mono_ns();
@@ -294,12 +300,14 @@ impl RunShared {
                         .store(seq << KICK_REASON_BITS | why, Ordering::SeqCst);
                     kicked = Some((seq, mono_ns(), why));
                     let t = self.thread.load(Ordering::SeqCst) as libc::pthread_t;
-                    // SAFETY: `t` is the thread inside KVM_RUN of a vCPU
-                    // that joins this thread before it is dropped; the
-                    // signal has a no-op handler. A signal that lands after
-                    // that KVM_RUN returned either interrupts a syscall Rust
-                    // retries or the next KVM_RUN, which sees a stale kick
-                    // and re-enters.
+                    // SAFETY: `t` is the thread that entered KVM_RUN
+                    // `seq`, still inside it at the re-check just above; it
+                    // owns the vCPU, which joins this thread before it is
+                    // dropped, and L0 runs each vCPU on one thread, so `t`
+                    // has not exited. The signal has a no-op handler. A
+                    // signal that lands after that KVM_RUN returned either
+                    // interrupts a syscall Rust retries or the next
+                    // KVM_RUN, which sees a stale kick and re-enters.
                     unsafe { libc::pthread_kill(t, halt_kick_signal()) };
                 }
                 None => {

@@ -458,19 +458,6 @@ pub fn handler_uses_trap_port(
     false
 }
 
-/// Counters of the L1 intercepts (shown in the run summary as L1 exits).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct InterceptStats {
-    /// #GP handler hits.
-    pub gp_hits: u64,
-    /// #UD handler hits.
-    pub ud_hits: u64,
-    /// `mov cr4` writes L0 completed.
-    pub cr4_writes: u64,
-    /// Hits handed to L1's handler (one single step each).
-    pub passed_to_l1: u64,
-}
-
 /// Which handler a debug exit hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hit {
@@ -500,8 +487,6 @@ pub struct L1Intercepts {
     unsupported: bool,
     /// Single-stepping over a handler's first instruction.
     stepping: bool,
-    /// Counters.
-    pub stats: InterceptStats,
 }
 
 impl L1Intercepts {
@@ -519,19 +504,9 @@ impl L1Intercepts {
         self.trap_port_user = true;
     }
 
-    /// Whether the #UD breakpoint path is on (the #UD handler is armed).
-    pub fn ud_armed(&self) -> bool {
-        self.applied.breakpoints[UD_SLOT].is_some()
-    }
-
     /// Whether the #GP handler is armed.
     pub fn gp_armed(&self) -> bool {
         self.applied.breakpoints[GP_SLOT].is_some()
-    }
-
-    /// Whether a single step over a handler is under way.
-    pub fn stepping(&self) -> bool {
-        self.stepping
     }
 
     /// Whether L0 follows L1's IDT at this exit (not mid-step, and L1's
@@ -602,10 +577,8 @@ impl L1Intercepts {
         }
         let bp = |slot: usize| self.applied.breakpoints[slot] == Some(pc) && dr6 & (1 << slot) != 0;
         if bp(GP_SLOT) {
-            self.stats.gp_hits += 1;
             Hit::GeneralProtection
         } else if bp(UD_SLOT) {
-            self.stats.ud_hits += 1;
             Hit::InvalidOpcode
         } else {
             Hit::Other
@@ -616,7 +589,6 @@ impl L1Intercepts {
     /// (breakpoints off, single-step on); call [`Self::applied`] with it.
     pub fn step_over(&mut self) -> GuestDebug {
         self.stepping = true;
-        self.stats.passed_to_l1 += 1;
         GuestDebug {
             breakpoints: [None; 4],
             single_step: true,
@@ -922,5 +894,54 @@ mod tests {
         i.applied(want, true);
         i.note_trap_port();
         assert_eq!(i.refresh(&s, &mut m, 0x0e0e).unwrap().breakpoints[1], None);
+    }
+
+    proptest::proptest! {
+        /// Everything L0 reads of L1 here is L1's: any IDTR, GDTR, RSP,
+        /// mode and memory contents give `None`/an error, never a panic.
+        #[test]
+        fn test_gates_frames_and_decoders_never_panic_on_any_l1(
+            page in proptest::collection::vec(proptest::prelude::any::<u8>(), 4096),
+            idtr in (proptest::prelude::any::<u64>(), proptest::prelude::any::<u16>()),
+            gdtr in (proptest::prelude::any::<u64>(), proptest::prelude::any::<u16>()),
+            rsp in proptest::prelude::any::<u64>(),
+            bases in (proptest::prelude::any::<u64>(), proptest::prelude::any::<u64>()),
+            sels in (proptest::prelude::any::<u16>(), proptest::prelude::any::<u16>()),
+            mode in 0u8..4,
+        ) {
+            let ram = GuestRam::new(2 << 20).unwrap();
+            for at in [0u64, 0x1000, 0x2000, 0x7_0000, 0x8_0000] {
+                ram.write_bytes(at, &page).unwrap();
+            }
+            let mut s = flat64();
+            match mode {
+                0 => {}
+                1 => s.cr0 &= !(1 << 31),
+                2 => {
+                    s.cr0 &= !(1 << 31);
+                    s.msrs.efer = 0;
+                }
+                _ => s.cr0 = 0,
+            }
+            (s.idtr.base, s.idtr.limit) = idtr;
+            (s.gdtr.base, s.gdtr.limit) = gdtr;
+            (s.cs.base, s.ss.base) = bases;
+            (s.cs.selector, s.ss.selector) = sels;
+            s.gprs.regs[4] = rsp;
+            s.rip = rsp.rotate_left(17);
+            let mut m = RamView(&ram);
+            for v in [GP_VECTOR, UD_VECTOR, 0xff] {
+                if let Some(h) = idt_handler(&s, &mut m, v) {
+                    let _ = handler_uses_trap_port(&s, &mut m, h, 0xe0e);
+                }
+            }
+            for ec in [false, true] {
+                if let Ok(f) = read_frame(&s, &mut m, ec) {
+                    proptest::prop_assert!(f.len <= FrameWidth::of(&s).max_len());
+                    let _ = unwind(&s, &f);
+                }
+            }
+            let _ = decode_mov_to_cr4(&s, &page[..15]);
+        }
     }
 }

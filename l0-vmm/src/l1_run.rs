@@ -885,7 +885,7 @@ fn l1_intercept_exit<V: Vcpu, L2: FlushPending>(
         }
         Hit::GeneralProtection => {
             bump(ctx.counts, "gp-breakpoint");
-            l1_gp_hit(icpt, n, l1, ctx)?
+            l1_gp_hit(n, l1, ctx)?
         }
         Hit::InvalidOpcode => {
             bump(ctx.counts, "ud-breakpoint");
@@ -904,7 +904,6 @@ fn l1_intercept_exit<V: Vcpu, L2: FlushPending>(
 /// (KVM refuses it) when the SDM allows it; `Ok(false)`: L1's handler
 /// gets the #GP.
 fn l1_gp_hit<V: Vcpu, L2: FlushPending>(
-    icpt: &mut L1Intercepts,
     n: &mut Nested<L2>,
     l1: &mut V,
     ctx: &mut InterceptCtx<'_, '_>,
@@ -960,7 +959,6 @@ fn l1_gp_hit<V: Vcpu, L2: FlushPending>(
             }
             l1.set_state(&s).map_err(l1_err("writing"))?;
             n.set_vmxe(vmxe);
-            icpt.stats.cr4_writes += 1;
             bump(ctx.counts, "cr4-vmxe-write");
             tracing::debug!(
                 rip = pre.rip,

@@ -24,8 +24,7 @@ use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use iced_x86::{
-    Code, CodeSize, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory,
-    OpKind, Register,
+    Code, CodeSize, FlowControl, Instruction, InstructionInfoFactory, OpKind, Register,
 };
 use nested_exit::exit::{
     AddressSize, ControlReg, CrAccess, CrAccessType, DescriptorTableExit,
@@ -35,6 +34,7 @@ use nested_exit::{decide, Exit, L0Policy, VcpuState};
 use vmcs12::controls::{PrimaryProcBased, SecondaryProcBased};
 use vmcs12::{GuestPhysMemory, Vmcs12, VmcsField};
 
+use crate::nested::{cs_linear, decode_one, mode_mask};
 use crate::vmx_emul::{access_linear, Access, ExecMode};
 
 /// Whether L0 runs L2 in precise mode.
@@ -267,31 +267,10 @@ impl<'a> CodeReader<'a> {
     }
 }
 
-/// RIP mask of the mode (16-bit IP wraps at 64 KiB, 32-bit EIP at 4 GiB).
-fn ip_mask(mode: ExecMode) -> u64 {
-    match mode.bitness() {
-        64 => u64::MAX,
-        32 => 0xffff_ffff,
-        _ => 0xffff,
-    }
-}
-
-/// The linear address of `rip` (CS base outside 64-bit mode).
-pub fn code_linear(state: &VcpuState, rip: u64) -> u64 {
-    if ExecMode::of(state) == ExecMode::Long64 {
-        rip
-    } else {
-        state.cs.base.wrapping_add(rip) & 0xffff_ffff
-    }
-}
-
 /// Decodes the instruction at `rip`; `None`: unreadable or invalid.
 fn decode_at(code: &mut CodeReader<'_>, rip: u64) -> Option<Instruction> {
-    let mode = ExecMode::of(code.state);
-    let bytes = code.bytes(code_linear(code.state, rip));
-    let mut d = Decoder::try_with_ip(mode.bitness(), &bytes, rip, DecoderOptions::NONE).ok()?;
-    let insn = d.decode();
-    (!insn.is_invalid()).then_some(insn)
+    let bytes = code.bytes(cs_linear(code.state, rip));
+    decode_one(&bytes, ExecMode::of(code.state), rip)
 }
 
 /// Decodes the instruction at L2's RIP (tests, tracing).
@@ -889,7 +868,7 @@ pub fn plan(
     budget: usize,
 ) -> (Plan, usize) {
     let mode = ExecMode::of(state);
-    let mask = ip_mask(mode);
+    let mask = mode_mask(mode);
     let mut reader = CodeReader::new(state, code);
     let first = decode_at(&mut reader, state.rip);
     let first_site = match &first {
@@ -946,7 +925,7 @@ pub fn plan(
     }
     let stop = |rip: u64, kind: StopKind| Plan::Stop {
         rip,
-        linear: code_linear(state, rip),
+        linear: cs_linear(state, rip),
         kind,
     };
     match frontier.len() {
@@ -1561,6 +1540,53 @@ mod tests {
             if let Plan::Stop { rip, .. } = p {
                 prop_assert_ne!(rip, s.rip);
             }
+        }
+
+        /// Any mode, RIP (also at a page end or the 64 KiB wrap), CS base,
+        /// register file, CR4, CPL and vmcs12 controls: a plan, no panic.
+        #[test]
+        fn test_plan_never_panics_in_any_mode(
+            code in proptest::collection::vec(any::<u8>(), 1..48),
+            gprs in any::<[u64; 16]>(),
+            words in any::<[u64; 4]>(),
+            off in any::<u16>(),
+            mode in 0..3u8,
+            far: bool,
+            ctls in any::<[u32; 2]>(),
+        ) {
+            let mut s = state();
+            for (i, g) in gprs.iter().enumerate() {
+                s.gprs.set(i as u8, *g);
+            }
+            let off = u64::from(off);
+            let mut mem = memory(&code);
+            mem.write(CODE + (off & 0xfff), &code).unwrap();
+            s.rip = CODE + (off & 0xfff);
+            if mode > 0 {
+                s.cr0 = if mode == 1 { 0x11 } else { 0x10 };
+                s.msrs.efer = 0;
+                s.cs.ar = if mode == 1 { 0xc09b } else { 0x9b };
+                if mode == 2 {
+                    s.cs.base = CODE;
+                    s.rip = 0xfff0 | (off & 0xf);
+                    mem.write(CODE + s.rip, &code).unwrap();
+                }
+            }
+            if far {
+                s.rip = words[0];
+                s.cs.base = words[1];
+            }
+            s.cr4 = words[2];
+            s.ss.ar = (s.ss.ar & !0x60) | ((words[3] as u32) & 0x60);
+            let mut v = vmcs(
+                PrimaryProcBased::from_bits_retain(ctls[0]),
+                SecondaryProcBased::from_bits_retain(ctls[1]),
+            );
+            v.set(F::CR0_GUEST_HOST_MASK, words[3]);
+            v.set(F::CR4_GUEST_HOST_MASK, words[3].rotate_left(13));
+            let (_, n) = plan(&s, &mut mem, &v, &L0Policy::default(), 32);
+            prop_assert!(n <= 32);
+            let _ = at_rip(&s, &mut mem, &v, &L0Policy::default());
         }
     }
 }

@@ -1626,12 +1626,17 @@ pub fn results_from_console(lines: &[String]) -> Vec<u8> {
         let (Some(off), Some(hex)) = (it.next(), it.next()) else {
             continue;
         };
-        let Some(off) = parse_num(off) else { continue };
+        // L1 prints these lines: an offset beyond the area (or beyond
+        // usize) is ignored, not added to.
+        let Some(off) = parse_num(off).and_then(|o| usize::try_from(o).ok()) else {
+            continue;
+        };
         for (i, pair) in hex.as_bytes().chunks(2).enumerate() {
             let byte = std::str::from_utf8(pair)
                 .ok()
                 .and_then(|p| u8::from_str_radix(p, 16).ok());
-            if let (Some(b), Some(slot)) = (byte, area.get_mut(off as usize + i)) {
+            let slot = off.checked_add(i).and_then(|at| area.get_mut(at));
+            if let (Some(b), Some(slot)) = (byte, slot) {
                 *slot = b;
             }
         }
@@ -2702,5 +2707,64 @@ mod tests {
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    }
+
+    #[test]
+    fn test_results_from_console_ignores_offsets_beyond_the_area() {
+        let lines = vec![
+            format!("[L1] scenario-results {:#x} ffff", u64::MAX),
+            format!("[L1] scenario-results {:#x} 11", lay::RESULTS_LEN),
+            "[L1] scenario-results 0x2 abzz33".to_string(),
+        ];
+        let area = results_from_console(&lines);
+        assert_eq!(area.len(), lay::RESULTS_LEN);
+        // Only the in-area, well-formed pairs land: 0xab at 2, 0x33 at 4.
+        assert_eq!(&area[..6], &[0, 0, 0xab, 0, 0x33, 0]);
+        assert!(area[6..].iter().all(|b| *b == 0));
+    }
+
+    /// A scenario expecting every kind of result L1 reports.
+    fn compile_all_expectations() -> Compiled {
+        compile_str(&format!(
+            "{MINIMAL}[l1]\nvmx = [{{ op = \"vmread\", phase = \"end\", field = \"VM_INSTRUCTION_ERROR\", expect = \"VMsucceed\", result = 2 }}]\n\
+             [expect]\nl1_exits = [{{ reason = \"io\", rip = \"start\" }}, {{ reason = \"hlt\" }}]\n\
+             registers = {{ rax = 5, rip = 1 }}\nconsole = \"hi\"\n\
+             memory = [{{ address = \"start\", bytes = [0xe6, 0x80] }}, {{ address = 0x600000, dword = 1 }}]\n"
+        ))
+        .unwrap()
+    }
+
+    proptest::proptest! {
+        /// L1 writes the results area and prints the lines: no offset or
+        /// text it prints panics L0.
+        #[test]
+        fn test_results_from_console_never_panics(
+            offs in proptest::collection::vec(proptest::prelude::any::<u64>(), 0..4),
+            hex in "[0-9a-fA-Fxz ]{0,40}",
+        ) {
+            let lines: Vec<String> = offs
+                .iter()
+                .map(|o| format!("[L1] scenario-results {o:#x} {hex}"))
+                .collect();
+            proptest::prop_assert_eq!(results_from_console(&lines).len(), lay::RESULTS_LEN);
+        }
+
+        /// Any header L1 leaves (counts and lengths up to u32::MAX) and any
+        /// area size compare without a panic.
+        #[test]
+        fn test_compare_never_panics_on_any_results_area(
+            words in proptest::collection::vec(proptest::prelude::any::<u32>(), 48),
+            len in 0usize..(lay::RESULTS_LEN + 64),
+            fill in proptest::prelude::any::<u8>(),
+        ) {
+            let c = compile_all_expectations();
+            let mut area = vec![fill; len];
+            for (i, w) in words.iter().enumerate() {
+                lay::put_u32(&mut area, 8 + 4 * i, *w);
+            }
+            lay::put_u64(&mut area, 0, lay::RESULTS_MAGIC);
+            let (exits, _) = compare(&c, &Observed { results: area, ..Default::default() });
+            proptest::prop_assert!(exits.len() <= lay::MAX_EXIT_RECORDS);
+        }
     }
 }

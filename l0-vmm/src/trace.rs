@@ -789,6 +789,12 @@ where
 /// `nvmx::*` event (all levels) and returns them with `f`'s result (tests
 /// and tools that want the events as data).
 pub fn capture<R>(f: impl FnOnce() -> R) -> (R, Vec<CapturedEvent>) {
+    // One capture at a time in a process: two scoped subscribers that come
+    // and go on parallel test threads race on tracing-core's interest cache.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let layer = CaptureLayer::default();
     let events = layer.0.clone();
     let subscriber = tracing_subscriber::registry()

@@ -108,7 +108,7 @@ l:  {insn}
 [expect]
 registers = {{ rcx = 0 }}
 "#,
-        max = n + 8
+        max = n.saturating_add(8)
     )
 }
 
@@ -176,7 +176,7 @@ fn per_exit(
         Ok(best.unwrap_or_default())
     };
     let (short, _) = fastest(n)?;
-    let (long, stats) = fastest(2 * n)?;
+    let (long, stats) = fastest(n.saturating_mul(2))?;
     Ok((long.saturating_sub(short) / n.max(1), stats))
 }
 

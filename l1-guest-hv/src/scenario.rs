@@ -126,28 +126,30 @@ impl LayoutError {
 
 /// Reads a little-endian u32 at `off` (0 when out of bounds).
 pub fn get_u32(b: &[u8], off: usize) -> u32 {
-    b.get(off..off + 4)
+    off.checked_add(4)
+        .and_then(|end| b.get(off..end))
         .and_then(|s| s.try_into().ok())
         .map_or(0, u32::from_le_bytes)
 }
 
 /// Reads a little-endian u64 at `off` (0 when out of bounds).
 pub fn get_u64(b: &[u8], off: usize) -> u64 {
-    b.get(off..off + 8)
+    off.checked_add(8)
+        .and_then(|end| b.get(off..end))
         .and_then(|s| s.try_into().ok())
         .map_or(0, u64::from_le_bytes)
 }
 
 /// Writes a little-endian u32 at `off` (ignored when out of bounds).
 pub fn put_u32(b: &mut [u8], off: usize, v: u32) {
-    if let Some(s) = b.get_mut(off..off + 4) {
+    if let Some(s) = off.checked_add(4).and_then(|end| b.get_mut(off..end)) {
         s.copy_from_slice(&v.to_le_bytes());
     }
 }
 
 /// Writes a little-endian u64 at `off` (ignored when out of bounds).
 pub fn put_u64(b: &mut [u8], off: usize, v: u64) {
-    if let Some(s) = b.get_mut(off..off + 8) {
+    if let Some(s) = off.checked_add(8).and_then(|end| b.get_mut(off..end)) {
         s.copy_from_slice(&v.to_le_bytes());
     }
 }
@@ -365,7 +367,11 @@ impl Header {
     /// The bytes of table `t` (empty when out of bounds).
     pub fn bytes(b: &[u8], t: Table, unit: usize) -> &[u8] {
         let start = t.offset as usize;
-        b.get(start..start + t.count as usize * unit).unwrap_or(&[])
+        (t.count as usize)
+            .checked_mul(unit)
+            .and_then(|n| start.checked_add(n))
+            .and_then(|end| b.get(start..end))
+            .unwrap_or(&[])
     }
 }
 

@@ -192,16 +192,17 @@ impl<V: FlushPending> Nested<V> {
             single_step: true,
             ..GuestDebug::OFF
         };
-        if !self.l2.set_guest_debug(&step).map_err(l2_err)? {
-            self.debug.unsupported = true;
-            return self.l2.run().map_err(l2_err);
+        if self.debug.applied != Some(step) {
+            if !self.l2.set_guest_debug(&step).map_err(l2_err)? {
+                self.debug.unsupported = true;
+                return self.l2.run().map_err(l2_err);
+            }
+            self.debug.applied = Some(step);
+            self.debug.slots = [None; 4];
         }
-        self.debug.applied = Some(step);
-        self.debug.slots = [None; 4];
-        let exit = self.l2.run().map_err(l2_err);
-        // Re-armed by the next apply_l2_debug.
-        self.debug.applied = None;
-        exit
+        // The vCPU keeps the step setting: the next apply_l2_debug re-arms
+        // (one ioctl, only if the requests differ from it).
+        self.l2.run().map_err(l2_err)
     }
 
     /// A `KVM_EXIT_DEBUG` of the L2 vCPU: each user whose breakpoint or

@@ -39,9 +39,8 @@ const RFLAGS_IF: u64 = 1 << 9;
 const RFLAGS_TF: u64 = 1 << 8;
 /// Pending debug exceptions / DR6: BS (single step, SDM 24.4.2).
 const PENDING_DBG_BS: u64 = 1 << 14;
-/// Interruption information: valid, type external interrupt (0) / NMI (2).
+/// Interruption information: valid (type 0, external interrupt).
 const INTR_VALID: u32 = 1 << 31;
-const INTR_TYPE_NMI: u32 = 2 << 8;
 
 /// How often L0 looks at L1's local APIC while L2 runs, for interrupts
 /// other than its timer (whose expiry L0 computes exactly).
@@ -340,13 +339,6 @@ impl<V: FlushPending> Nested<V> {
         self.events.stats
     }
 
-    /// Whether the event logic single-steps L2 for the next run (precise
-    /// mode must not claim these steps).
-    #[allow(dead_code)]
-    pub(super) fn events_want_step(&self) -> bool {
-        self.events.stepping
-    }
-
     fn tsc_khz(&mut self) -> Result<u32, NestedError> {
         if let Some(k) = self.events.tsc_khz {
             return Ok(k);
@@ -390,13 +382,12 @@ impl<V: FlushPending> Nested<V> {
             l2,
             kvm_pending: false,
         };
-        let reason = observed.exit.basic_reason();
-        *self
-            .stats
-            .exits
-            .entry((reason, super::Handler::L1))
-            .or_default() += 1;
-        tracing::debug!(reason, rip = l2.rip, "L0 synthesized an L2 exit");
+        self.note_synthesized(&observed);
+        tracing::debug!(
+            reason = observed.exit.basic_reason(),
+            rip = l2.rip,
+            "L0 synthesized an L2 exit"
+        );
         L2Step::Reflect(Box::new(observed))
     }
 
@@ -500,8 +491,10 @@ impl<V: FlushPending> Nested<V> {
             }
             let rate = self.cpu.caps().preemption_timer_rate;
             let khz = self.tsc_khz()?;
+            // L1 picks the value: a deadline past what `Instant` holds is
+            // one that never comes.
             self.events.preemption_deadline =
-                Some(Instant::now() + preemption_duration(value, rate, khz));
+                Instant::now().checked_add(preemption_duration(value, rate, khz));
         }
         if !injecting && self.events.l1_lapic.is_some() {
             if let Some(step) = self.l1_interrupt_step(&mut at_entry)? {
@@ -521,16 +514,28 @@ impl<V: FlushPending> Nested<V> {
 
     /// An exit before L2's first instruction: counted as an L1 exit.
     fn entry_exit(&mut self, exit: Exit, l2: VcpuState) -> Observed {
-        let reason = exit.basic_reason();
-        *self
-            .stats
-            .exits
-            .entry((reason, super::Handler::L1))
-            .or_default() += 1;
-        Observed {
+        let observed = Observed {
             exit,
             l2,
             kvm_pending: false,
+        };
+        self.note_synthesized(&observed);
+        observed
+    }
+
+    /// An exit these rules make up goes through `decide` like every other
+    /// one, so the trace, the recorder, the timeline and the statistics see
+    /// it. Its reasons (1, 7, 8, 37, 52, 12 after a step) are decided by
+    /// controls alone: no guest memory is read.
+    fn note_synthesized(&mut self, observed: &Observed) {
+        let mut no_memory = vmcs12::FlatMemory::new(0);
+        match self.decide_observed(observed, &mut no_memory) {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                exit = observed.exit.name(),
+                "an exit made up for L1's controls is L0's by decide: reflected anyway"
+            ),
+            Err(e) => tracing::warn!(%e, "cannot record a made-up L2 exit"),
         }
     }
 
@@ -547,8 +552,11 @@ impl<V: FlushPending> Nested<V> {
                 || self.events.deliver_in_l2.is_some()
                 || self.events.l1_poll_at.is_none_or(|t| now >= t)
                 || self.events.l1_timer_at.is_some_and(|t| now >= t));
+        // L2's state, read once for this run: nothing below changes the
+        // vCPU unless it returns.
+        let mut state = None;
         if apic_due {
-            let mut l2 = self.events_l2_state()?;
+            let mut l2 = self.events_l2_state_once(&mut state)?;
             if let Some(step) = self.l1_interrupt_step(&mut l2)? {
                 return Ok(Some(step));
             }
@@ -560,7 +568,7 @@ impl<V: FlushPending> Nested<V> {
             // The last stepped run ended in an exit L0 completed (an OUT
             // to an L0 port, say): KVM loses the step trap across it
             // (measured), so this boundary is looked at here.
-            let now = self.events_l2_state()?;
+            let now = self.events_l2_state_once(&mut state)?;
             if now.rip != before.rip || now.cs.selector != before.cs.selector {
                 if self.events.mtf {
                     return Ok(Some(self.synthesized(Exit::MonitorTrapFlag, now)));
@@ -579,7 +587,7 @@ impl<V: FlushPending> Nested<V> {
         self.events.stepping = step;
         self.debug.req.single_step = step;
         if step {
-            self.events.step_from = Some(self.events_l2_state()?);
+            self.events.step_from = Some(self.events_l2_state_once(&mut state)?);
         } else {
             self.events.step_from = None;
         }
@@ -601,6 +609,20 @@ impl<V: FlushPending> Nested<V> {
         if self.events.halted {
             s.activity = ACTIVITY_HLT;
         }
+        Ok(s)
+    }
+
+    /// [`Self::events_l2_state`] through `slot`: one `get_state` for
+    /// several looks at an L2 vCPU that does not run in between.
+    fn events_l2_state_once(
+        &mut self,
+        slot: &mut Option<VcpuState>,
+    ) -> Result<VcpuState, NestedError> {
+        if let Some(s) = *slot {
+            return Ok(s);
+        }
+        let s = self.events_l2_state()?;
+        *slot = Some(s);
         Ok(s)
     }
 
@@ -706,10 +728,16 @@ impl<V: FlushPending> Nested<V> {
             return Ok(Some(self.synthesized(Exit::PreemptionTimer, l2)));
         }
         if self.events.l1_lapic.is_some() {
-            let mut l2 = self.events_l2_state()?;
+            let raw = self.l2.get_state().map_err(l2_err)?;
+            let mut l2 = raw;
+            if self.events.halted {
+                l2.activity = ACTIVITY_HLT;
+            }
             if let Some(step) = self.l1_interrupt_step(&mut l2)? {
                 return Ok(Some(step));
             }
+            // Unchanged: the watchdog, next on this exit, reads it from here.
+            self.l2_cached = Some(raw);
         }
         // Not ours (the VMCALL watchdog's, or an early deadline).
         Ok(None)
@@ -757,9 +785,10 @@ impl<V: FlushPending> Nested<V> {
         Ok(true)
     }
 
-    /// An exit is being reflected; vmcs12 already holds prepare_vmcs12's
-    /// result (save the preemption timer, interruptibility, activity).
-    pub(super) fn events_on_reflect(&mut self, observed: &Observed) -> Result<(), NestedError> {
+    /// An exit is about to be reflected: the timers and steps stop; returns
+    /// the VMX-preemption timer value prepare_vmcs12 stores under "save
+    /// VMX-preemption timer value" (SDM 27.3.4).
+    pub(super) fn events_on_reflect(&mut self, observed: &Observed) -> Result<u32, NestedError> {
         let ev = &mut self.events;
         let deadline = ev.preemption_deadline.take();
         ev.halted = false;
@@ -769,7 +798,7 @@ impl<V: FlushPending> Nested<V> {
         self.debug.req.single_step = false;
         self.kick.events = None;
         if observed.exit.is_entry_failure() {
-            return Ok(());
+            return Ok(0);
         }
         let active = self.events.pin.contains(PinBased::PREEMPTION_TIMER);
         let save = self
@@ -789,18 +818,10 @@ impl<V: FlushPending> Nested<V> {
             // Not active: the field keeps L1's value (Linux nested.c).
             _ => self.events.preemption_value,
         };
-        let vmcs12 = self
-            .cpu
-            .current_vmcs_mut()
-            .ok_or(NestedError::NoCurrentVmcs)?;
-        vmcs12.set(VmcsField::VMX_PREEMPTION_TIMER_VALUE, u64::from(value));
-        Ok(())
+        // prepare_vmcs12 stores it under "save VMX-preemption timer value".
+        Ok(value)
     }
 }
-
-/// An NMI interruption-information word (for tests and injection).
-#[allow(dead_code)]
-pub(super) const NMI_INFO: u32 = INTR_VALID | INTR_TYPE_NMI | 2;
 
 #[cfg(test)]
 mod tests {

@@ -26,7 +26,7 @@ use nested_exit::exit::{
 use nested_exit::record::stale_mapping_exit;
 use nested_exit::state::PendingEvent;
 use nested_exit::walk::AccessKind;
-use nested_exit::{decide, Decision, Exit, Segment, VcpuState};
+use nested_exit::{Exit, Segment, VcpuState};
 use vmcs12::{GuestPhysMemory, Vmcs12, VmcsField};
 
 use super::debug::{L2Debug, L2DebugRequests};
@@ -850,7 +850,7 @@ impl<V: FlushPending> Nested<V> {
             l2: rec.l2,
             kvm_pending: false,
         };
-        if !self.decide_exception(&observed, mem)?.reflects() {
+        if !self.decide_observed(&observed, mem)? {
             // decide and the bitmap disagree (L0 policy): L2's handler runs.
             self.intercepts.idt_vectoring = None;
             return self.intercept_step_over(Some(vector), mem, host).map(Some);
@@ -940,36 +940,6 @@ impl<V: FlushPending> Nested<V> {
             );
             first
         }))
-    }
-
-    /// `nested_exit::decide` on an exception exit (through the recorder
-    /// when recording), with the trace, timeline and counters of any other
-    /// L2 exit.
-    fn decide_exception(
-        &mut self,
-        observed: &Observed,
-        mem: &mut dyn GuestPhysMemory,
-    ) -> Result<Decision, NestedError> {
-        let vmcs12 = self.cpu.current_vmcs().ok_or(NestedError::NoCurrentVmcs)?;
-        let decision = match self.recorder.as_mut() {
-            Some(r) => {
-                let d = r.decide(&observed.exit, vmcs12, &observed.l2, mem, &self.policy);
-                if !d.reflects() {
-                    r.finish_exit(vmcs12);
-                }
-                d
-            }
-            None => decide(&observed.exit, vmcs12, &*mem, &self.policy),
-        };
-        self.note_decision(&observed.exit, observed.l2.rip, &decision);
-        let handler = if decision.reflects() {
-            Handler::L1
-        } else {
-            Handler::L0
-        };
-        *self.stats.exits.entry((0, handler)).or_default() += 1;
-        self.last_decision = Some((observed.exit.name(), decision.clone()));
-        Ok(decision)
     }
 
     /// Lets L2's handler run: one step with the breakpoints off (re-armed
@@ -1090,6 +1060,13 @@ impl<V: FlushPending> Nested<V> {
         insn_bytes: &[u8],
         mem: &mut dyn GuestPhysMemory,
     ) -> Result<Option<L2Step>, NestedError> {
+        if insn_bytes
+            .first()
+            .is_some_and(|b| !matches!(b, 0xcc | 0xcd | 0xce | 0xf1))
+        {
+            // Another instruction: no vCPU state needed here.
+            return Ok(None);
+        }
         let mut st = self.l2.get_state().map_err(l2_err)?;
         let first = match insn_bytes.first() {
             Some(&b) => Some(b),
@@ -1166,7 +1143,7 @@ impl<V: FlushPending> Nested<V> {
                 l2: st,
                 kvm_pending: false,
             };
-            if self.decide_exception(&observed, mem)?.reflects() {
+            if self.decide_observed(&observed, mem)? {
                 self.intercepts.stats.reflected += 1;
                 self.l2_cached = None;
                 return Ok(Some(L2Step::Reflect(Box::new(observed))));
@@ -1219,23 +1196,12 @@ impl<V: FlushPending> Nested<V> {
         ]
     }
 
-    /// IDT-vectoring information of the exit being reflected, taken once
-    /// (the reflect path writes it after prepare_vmcs12).
-    pub(super) fn intercept_on_reflect(&mut self) -> Result<(), NestedError> {
-        let Some((info, ec)) = self.intercepts.idt_vectoring.take() else {
-            return Ok(());
-        };
-        let v = self
-            .cpu
-            .current_vmcs_mut()
-            .ok_or(NestedError::NoCurrentVmcs)?;
-        v.set(VmcsField::IDT_VECTORING_INFO_FIELD, u64::from(info));
+    /// IDT-vectoring information and error code of the exit being
+    /// reflected, taken once (the reflect path hands it to prepare_vmcs12).
+    pub(super) fn intercept_on_reflect(&mut self) -> Option<(u32, u32)> {
+        let (info, ec) = self.intercepts.idt_vectoring.take()?;
         let has_ec = info & (1 << 11) != 0;
-        v.set(
-            VmcsField::IDT_VECTORING_ERROR_CODE,
-            if has_ec { u64::from(ec) } else { 0 },
-        );
-        Ok(())
+        Some((info, if has_ec { ec } else { 0 }))
     }
 }
 
@@ -1419,6 +1385,53 @@ mod tests {
             let k = [FrameKind::Long, FrameKind::Protected32, FrameKind::Protected16, FrameKind::Real][kind as usize];
             let _ = unwind_frame(&s, &mut m, k, ec);
             let _ = recognise(&s, &mut m, 13, k);
+        }
+
+        /// Every register L2 controls and every byte of its IDT, GDT and
+        /// stack: reading a gate, unwinding a frame and recognising an
+        /// exception return an answer, never a panic (overflow included).
+        #[test]
+        fn test_gate_and_frame_never_panic_on_any_registers(
+            words in proptest::collection::vec(any::<u64>(), 32),
+            regs in any::<[u64; 8]>(),
+            limits in any::<[u16; 3]>(),
+            ars in any::<[u32; 2]>(),
+            mode in 0..4u8,
+            vector: u8,
+            ec: bool,
+            near: bool,
+        ) {
+            let mut m = memory();
+            // Random gates and descriptors where L2's tables are, and a
+            // random frame at the stack pointer when it is in RAM.
+            push64(&mut m, IDT, &words[..16]);
+            push64(&mut m, GDT + 0x30, &words[16..24]);
+            let sp = if near { 0x8_ff00 | (regs[0] & 0xff) } else { regs[0] };
+            if near {
+                push64(&mut m, 0x8_ff00, &words[24..]);
+            }
+            let mut s = if mode == 0 { state64() } else { state32() };
+            if mode == 3 {
+                s.cr0 = 0x10;
+            }
+            s.gprs.set(4, sp);
+            s.rip = regs[1];
+            s.idtr.base = if near { IDT } else { regs[2] };
+            s.idtr.limit = limits[0];
+            s.gdtr.limit = limits[1];
+            s.ldtr = Segment { selector: 0x38, base: regs[3], limit: u32::from(limits[2]), ar: ars[0] };
+            s.cs.base = regs[4];
+            s.cs.selector = regs[5] as u16;
+            s.ss.base = regs[6];
+            s.ss.ar = ars[1];
+            s.rflags = regs[7];
+            s.dr6 = regs[7].rotate_left(7);
+            let k = [FrameKind::Long, FrameKind::Protected32, FrameKind::Protected16, FrameKind::Real][mode as usize];
+            let _ = read_gate(&s, &mut m, vector);
+            let _ = load_segment(&s, &mut m, regs[5] as u16);
+            let _ = unwind_frame(&s, &mut m, k, ec);
+            let _ = recognise(&s, &mut m, vector % 32, k);
+            let _ = bytes_before(&s, &mut m);
         }
     }
 
@@ -1875,11 +1888,32 @@ mod tests {
         rig.nested.l2.state.cr2 = 0x8_f000;
         let o = reflected(rig.hit(H14, &[3, CODE, 0x08, 0x202, STACK, 0x10]));
         assert_eq!(o.exit.to_info().intr_info, 0x8000_0b0e);
-        rig.nested.intercept_on_reflect().unwrap();
-        let v = rig.vmcs();
-        assert_eq!(v.get(VmcsField::IDT_VECTORING_INFO_FIELD), 0x8000_0b0d);
-        assert_eq!(v.get(VmcsField::IDT_VECTORING_ERROR_CODE), 0x18);
+        // Handed to prepare_vmcs12 with the exit information.
+        assert_eq!(rig.nested.intercept_on_reflect(), Some((0x8000_0b0d, 0x18)));
+        assert_eq!(rig.nested.intercept_on_reflect(), None, "taken once");
         assert_eq!(rig.nested.intercept_rows()[8].1, 1);
+    }
+
+    #[test]
+    fn test_steps_in_a_row_program_the_debug_hardware_once() {
+        let mut rig = Rig::new(1 << 6);
+        rig.enter(state64());
+        let armed = *rig.nested.l2.debug.last().unwrap();
+        assert!(armed.breakpoints.contains(&Some(H6)));
+        let before = rig.nested.l2.debug.len();
+        rig.expect_step();
+        rig.expect_step();
+        rig.nested.step_l2_once().unwrap();
+        rig.nested.step_l2_once().unwrap();
+        // One KVM_SET_GUEST_DEBUG for both steps, none of them armed.
+        assert_eq!(rig.nested.l2.debug.len(), before + 1);
+        let step = *rig.nested.l2.debug.last().unwrap();
+        assert!(step.single_step && step.breakpoints.iter().all(Option::is_none));
+        // The next run re-arms the handlers once.
+        rig.nested.apply_l2_debug().unwrap();
+        rig.nested.apply_l2_debug().unwrap();
+        assert_eq!(rig.nested.l2.debug.len(), before + 2);
+        assert_eq!(*rig.nested.l2.debug.last().unwrap(), armed);
     }
 
     #[test]

@@ -8,11 +8,10 @@
 //! want, or, when RIP is at an exiting instruction, the exit right away
 //! (through `decide`, like every other exit). `docs/precise-mode.md`.
 
-use nested_exit::decide;
 use vmcs12::GuestPhysMemory;
 
 use super::debug::DebugHit;
-use super::{l2_err, FlushPending, Handler, L2Host, L2Step, Nested, NestedError, Observed};
+use super::{l2_err, mode_mask, FlushPending, L2Host, L2Step, Nested, NestedError, Observed};
 use crate::ept_slots::L2PhysView;
 use crate::precise_decode::{self, AtRip, Plan, PreciseMode, PreciseStats};
 use crate::vmx_emul::ExecMode;
@@ -156,12 +155,7 @@ impl<V: FlushPending> Nested<V> {
             Plan::AtRip(AtRip::EmulateRead { dest, value, len }) => {
                 let mut s = state;
                 dest.write(&mut s, value);
-                let mask = match ExecMode::of(&s).bitness() {
-                    64 => u64::MAX,
-                    32 => 0xffff_ffff,
-                    _ => 0xffff,
-                };
-                s.rip = s.rip.wrapping_add(len) & mask;
+                s.rip = s.rip.wrapping_add(len) & mode_mask(ExecMode::of(&s));
                 self.l2.set_state(&s).map_err(l2_err)?;
                 self.l2_cached = None;
                 self.precise.stats.emulated_reads += 1;
@@ -173,34 +167,16 @@ impl<V: FlushPending> Nested<V> {
                 Ok(Some(L2Step::Resume))
             }
             Plan::AtRip(AtRip::Exit(exit)) => {
-                let decision = match self.recorder.as_mut() {
-                    Some(r) => {
-                        let d = r.decide(&exit, vmcs12, &state, mem, &self.policy);
-                        if !d.reflects() {
-                            r.finish_exit(vmcs12);
-                        }
-                        d
-                    }
-                    None => decide(&exit, vmcs12, &*mem, &self.policy),
+                let observed = Observed {
+                    exit,
+                    l2: state,
+                    kvm_pending: false,
                 };
-                self.note_decision(&exit, state.rip, &decision);
-                let reflects = decision.reflects();
-                let handler = if reflects { Handler::L1 } else { Handler::L0 };
-                *self
-                    .stats
-                    .exits
-                    .entry((exit.basic_reason(), handler))
-                    .or_default() += 1;
-                self.last_decision = Some((exit.name(), decision));
-                if reflects {
+                if self.decide_observed(&observed, mem)? {
                     self.precise.stats.reflected += 1;
                     self.debug.req.precise_stop = None;
                     self.l2_cached = None;
-                    return Ok(Some(L2Step::Reflect(Box::new(Observed {
-                        exit,
-                        l2: state,
-                        kvm_pending: false,
-                    }))));
+                    return Ok(Some(L2Step::Reflect(Box::new(observed))));
                 }
                 // L1 does not want it: the instruction runs under KVM.
                 self.precise.stats.kept_by_l0 += 1;

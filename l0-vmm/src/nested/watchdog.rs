@@ -139,11 +139,17 @@ impl<V: FlushPending> Nested<V> {
         &mut self,
         mem: &mut dyn GuestPhysMemory,
     ) -> Result<Option<L2Step>, NestedError> {
+        // events_on_kicked may have read the state of this exit already;
+        // taken, so that nothing trusts it once L2 runs on.
+        let cached = self.l2_cached.take();
         if self.watchdog.setting.is_none() {
             return Ok(None);
         }
         self.watchdog.stats.kicks += 1;
-        let l2 = self.l2.get_state().map_err(l2_err)?;
+        let l2 = match cached {
+            Some(s) => s,
+            None => self.l2.get_state().map_err(l2_err)?,
+        };
         // An event KVM still has to deliver comes before the instruction
         // at RIP (SDM 6.9): let L2 run into it first.
         if l2.pending_event.is_some() {
