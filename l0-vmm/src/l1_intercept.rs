@@ -22,8 +22,10 @@
 //! instruction with the breakpoints off and re-arms them (RFLAGS.RF does
 //! not work through `KVM_SET_REGS` on this host).
 //!
-//! This file holds the pure parts (IDT gates, frame unwinding, the CR4
-//! rules, the decoders) and the breakpoint bookkeeping ([`L1Intercepts`]);
+//! This file holds the pure parts (the CR4 rules, the decoders, L0's
+//! same-privilege rule for unwinding; IDT gates and frames are read by the
+//! code L2's intercepts share, `crate::idt`) and the breakpoint bookkeeping
+//! ([`L1Intercepts`]);
 //! `l1_run.rs` wires the hits into the L1 run loop.
 
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
@@ -31,7 +33,8 @@ use nested_exit::VcpuState;
 use vmcs12::GuestPhysMemory;
 
 use crate::hv::GuestDebug;
-use crate::vmx_emul::{access_linear, fetch_insn_bytes, Access, ExecMode};
+use crate::idt::{mode_frame, read_gate, unwind_frame, FrameKind, Unwound};
+use crate::vmx_emul::{fetch_insn_bytes, ExecMode};
 
 /// #UD.
 pub const UD_VECTOR: u8 = 6;
@@ -57,16 +60,12 @@ const TRAP_PORT_SCAN: usize = 64;
 /// Why an exception frame could not be unwound.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UnwindError {
-    /// Fewer bytes than the frame needs.
-    #[error("the exception frame needs {need} bytes, only {have} were readable: L1's stack is not mapped where RSP points")]
-    Short {
-        /// Bytes needed.
-        need: usize,
-        /// Bytes read.
-        have: usize,
-    },
-    /// The exception changed CS or SS (a privilege change or a 64-bit IST
-    /// stack switch to another SS): L0 only unwinds same-privilege frames.
+    /// The frame does not read, or does not look like one.
+    #[error("the exception frame at L1's handler stack pointer does not read or does not look like one (L1's stack is not mapped where RSP points, or the handler was entered without a delivery): L1's handler gets this one")]
+    Unreadable,
+    /// The exception changed CS or SS (a privilege change, virtual-8086
+    /// mode or a 64-bit IST stack switch to another SS): L0 only unwinds
+    /// same-privilege frames.
     #[error("the exception frame has CS {frame_cs:#x}/SS {frame_ss:#x}, the handler runs with {cs:#x}/{ss:#x}: L0 unwinds only exceptions taken at the handler's privilege level, so L1's handler gets this one")]
     PrivilegeChange {
         /// CS in the frame.
@@ -80,130 +79,21 @@ pub enum UnwindError {
     },
 }
 
-/// The width of an exception frame: IA-32e mode pushes 8-byte slots and
-/// always SS:RSP; legacy protected mode pushes 4-byte slots and SS:ESP only
-/// on a privilege change (SDM 6.12.1, 6.14.2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FrameWidth {
-    /// 32-bit protected mode (32-bit gates).
-    Bits32,
-    /// IA-32e mode.
-    Bits64,
-}
-
-impl FrameWidth {
-    /// The frame width of a handler running in `state`.
-    pub fn of(state: &VcpuState) -> Self {
-        if state.msrs.efer & VcpuState::EFER_LMA != 0 {
-            FrameWidth::Bits64
-        } else {
-            FrameWidth::Bits32
-        }
-    }
-
-    fn slot(self) -> usize {
-        match self {
-            FrameWidth::Bits32 => 4,
-            FrameWidth::Bits64 => 8,
-        }
-    }
-
-    /// The most bytes a frame can have (with error code and SS:RSP).
-    pub fn max_len(self) -> usize {
-        6 * self.slot()
-    }
-}
-
-/// What the CPU pushed when it delivered an exception.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FaultFrame {
-    /// The error code, for vectors that push one.
-    pub error_code: Option<u32>,
-    /// RIP of the faulting instruction (faults push the instruction's own address).
-    pub rip: u64,
-    /// CS at the fault.
-    pub cs: u16,
-    /// RFLAGS at the fault.
-    pub rflags: u64,
-    /// RSP at the fault.
-    pub rsp: u64,
-    /// SS at the fault.
-    pub ss: u16,
-    /// Bytes the frame occupies on the handler's stack.
-    pub len: usize,
-}
-
-/// Parses the frame at the handler's stack top (`bytes`, read at the
-/// handler's RSP). `handler_rsp`/`handler_ss`/`handler_cpl` describe the
-/// handler: a 32-bit frame without privilege change has no SS:ESP, so the
-/// faulting ESP is the handler's ESP above the frame.
-pub fn parse_frame(
-    bytes: &[u8],
-    width: FrameWidth,
-    has_error_code: bool,
-    handler_rsp: u64,
-    handler_ss: u16,
-    handler_cpl: u8,
-) -> Result<FaultFrame, UnwindError> {
-    let slot = width.slot();
-    let word = |i: usize| -> Result<u64, UnwindError> {
-        let need = (i + 1) * slot;
-        let b = bytes.get(i * slot..need).ok_or(UnwindError::Short {
-            need,
-            have: bytes.len(),
-        })?;
-        let mut v = [0u8; 8];
-        v[..slot].copy_from_slice(b);
-        Ok(u64::from_le_bytes(v))
-    };
-    let base = usize::from(has_error_code);
-    let error_code = if has_error_code {
-        Some(word(0)? as u32)
-    } else {
-        None
-    };
-    let rip = word(base)?;
-    let cs = word(base + 1)? as u16;
-    let rflags = word(base + 2)?;
-    let with_stack = match width {
-        FrameWidth::Bits64 => true,
-        FrameWidth::Bits32 => (cs & 3) as u8 != handler_cpl,
-    };
-    let (rsp, ss, slots) = if with_stack {
-        (word(base + 3)?, word(base + 4)? as u16, base + 5)
-    } else {
-        let slots = base + 3;
-        let rsp = handler_rsp.wrapping_add((slots * slot) as u64) & 0xffff_ffff;
-        (rsp, handler_ss, slots)
-    };
-    Ok(FaultFrame {
-        error_code,
-        rip,
-        cs,
-        rflags,
-        rsp,
-        ss,
-        len: slots * slot,
-    })
-}
-
-/// L1's state before the exception: the handler's state with RIP, RFLAGS
-/// and RSP from the frame. Only same-privilege frames unwind (the segment
-/// registers then did not change).
-pub fn unwind(handler: &VcpuState, frame: &FaultFrame) -> Result<VcpuState, UnwindError> {
-    if frame.cs != handler.cs.selector || frame.ss != handler.ss.selector {
+/// L1's state before the exception, from the unwound `frame`. Only
+/// same-privilege frames are taken: CS and SS (whole segments) must be the
+/// handler's and the frame must not come from virtual-8086 mode, so that
+/// only RIP, RFLAGS and RSP differ from the handler's state.
+pub fn unwind(handler: &VcpuState, frame: &Unwound) -> Result<VcpuState, UnwindError> {
+    let pre = &frame.pre;
+    if pre.cs != handler.cs || pre.ss != handler.ss || pre.rflags & VcpuState::RFLAGS_VM != 0 {
         return Err(UnwindError::PrivilegeChange {
-            frame_cs: frame.cs,
-            frame_ss: frame.ss,
+            frame_cs: pre.cs.selector,
+            frame_ss: pre.ss.selector,
             cs: handler.cs.selector,
             ss: handler.ss.selector,
         });
     }
-    let mut s = *handler;
-    s.rip = frame.rip;
-    s.rflags = frame.rflags;
-    s.gprs.regs[4] = frame.rsp;
-    Ok(s)
+    Ok(*pre)
 }
 
 /// What L1's `mov cr4` is allowed to do (SDM 2.5, 4.5, 23.8, 31.3).
@@ -302,104 +192,42 @@ pub fn decode_mov_to_cr4(state: &VcpuState, bytes: &[u8]) -> Option<MovToCr4> {
     })
 }
 
-/// The linear address of the handler for `vector` in the IDT of the vCPU
-/// in `state`, read through its paging; `None` without a usable gate
-/// (real mode, out of the IDT limit, not present, a task gate, unreadable).
-pub fn idt_handler(state: &VcpuState, mem: &mut dyn GuestPhysMemory, vector: u8) -> Option<u64> {
-    if state.cr0 & 1 == 0 {
-        return None;
-    }
-    let long = FrameWidth::of(state) == FrameWidth::Bits64;
-    let size: u64 = if long { 16 } else { 8 };
-    let off = u64::from(vector) * size;
-    if off + size - 1 > u64::from(state.idtr.limit) {
-        return None;
-    }
-    let mut gate = [0u8; 16];
-    let buf = gate.get_mut(..size as usize)?;
-    read_linear(state, mem, state.idtr.base.wrapping_add(off), buf)?;
-    let lo = u64::from_le_bytes(gate[..8].try_into().ok()?);
-    let hi = u64::from_le_bytes(gate[8..].try_into().ok()?);
-    let present = lo & (1 << 47) != 0;
-    let ty = (lo >> 40) & 0xf;
-    let offset = (lo & 0xffff) | ((lo >> 32) & 0xffff_0000);
-    if !present {
-        return None;
-    }
-    if long {
-        // SDM 6.14.1: only 64-bit interrupt and trap gates; the code
-        // segment's base is 0 in 64-bit mode.
-        return matches!(ty, 0xe | 0xf).then_some(offset | ((hi & 0xffff_ffff) << 32));
-    }
-    let selector = ((lo >> 16) & 0xffff) as u16;
-    let offset = match ty {
-        0xe | 0xf => offset,
-        0x6 | 0x7 => offset & 0xffff,
-        _ => return None,
-    };
-    let base = if selector == state.cs.selector {
-        state.cs.base
-    } else {
-        segment_base(state, mem, selector)?
-    };
-    Some(base.wrapping_add(offset) & 0xffff_ffff)
+/// The linear address of L1's handler for `vector` (the shared
+/// [`read_gate`]); `None` without a usable gate and in real mode, where L0
+/// arms no breakpoint (VMX instructions #UD there anyway, SDM 31.3).
+fn handler_at(state: &VcpuState, mem: &mut dyn GuestPhysMemory, vector: u8) -> Option<u64> {
+    read_gate(state, mem, vector)
+        .ok()
+        .filter(|g| g.kind != FrameKind::Real)
+        .map(|g| g.linear)
 }
 
-/// The base of GDT descriptor `selector` (LDT selectors: `None`).
-fn segment_base(state: &VcpuState, mem: &mut dyn GuestPhysMemory, selector: u16) -> Option<u64> {
-    let index = u64::from(selector & !7);
-    if selector & 4 != 0 || index == 0 || index + 7 > u64::from(state.gdtr.limit) {
-        return None;
+/// The frame layout at L1's handler breakpoint: the mode's, and in
+/// protected mode the kind of the #GP or #UD gate whose handler is at
+/// CS:RIP (a 16-bit gate pushes 2-byte slots, SDM 6.12.1).
+fn frame_kind_at(handler: &VcpuState, mem: &mut dyn GuestPhysMemory) -> FrameKind {
+    let kind = mode_frame(handler);
+    if kind != FrameKind::Protected32 {
+        return kind;
     }
-    let mut d = [0u8; 8];
-    read_linear(state, mem, state.gdtr.base.wrapping_add(index), &mut d)?;
-    let d = u64::from_le_bytes(d);
-    Some(((d >> 16) & 0xff_ffff) | ((d >> 32) & 0xff00_0000))
+    let pc = handler.cs.base.wrapping_add(handler.rip) & 0xffff_ffff;
+    [GP_VECTOR, UD_VECTOR]
+        .into_iter()
+        .filter_map(|v| read_gate(handler, mem, v).ok())
+        .find(|g| g.linear == pc)
+        .map_or(kind, |g| g.kind)
 }
 
-fn read_linear(
-    state: &VcpuState,
-    mem: &mut dyn GuestPhysMemory,
-    addr: u64,
-    buf: &mut [u8],
-) -> Option<()> {
-    match access_linear(state, mem, addr, buf, Access::Read) {
-        Ok(Ok(())) => Some(()),
-        _ => None,
-    }
-}
-
-/// The frame of the exception whose handler breakpoint fired: read at the
-/// handler's RSP (SS-relative outside 64-bit mode) and parsed.
+/// The frame of the exception whose handler breakpoint fired, unwound by
+/// the shared [`unwind_frame`]: L1's state before the delivery and the
+/// error code. [`unwind`] then applies L0's same-privilege rule.
 pub fn read_frame(
     handler: &VcpuState,
     mem: &mut dyn GuestPhysMemory,
     has_error_code: bool,
-) -> Result<FaultFrame, UnwindError> {
-    let width = FrameWidth::of(handler);
-    let rsp = handler.gprs.regs[4];
-    let addr = match ExecMode::of(handler) {
-        ExecMode::Long64 => rsp,
-        _ => handler.ss.base.wrapping_add(rsp & 0xffff_ffff) & 0xffff_ffff,
-    };
-    let mut buf = vec![0u8; width.max_len()];
-    // The slots above a short frame belong to the interrupted stack; if
-    // they do not read, try the shortest frame.
-    if read_linear(handler, mem, addr, &mut buf).is_none() {
-        let min = (3 + usize::from(has_error_code)) * width.slot();
-        buf.truncate(min);
-        if read_linear(handler, mem, addr, &mut buf).is_none() {
-            buf.clear();
-        }
-    }
-    parse_frame(
-        &buf,
-        width,
-        has_error_code,
-        rsp,
-        handler.ss.selector,
-        (handler.cs.selector & 3) as u8,
-    )
+) -> Result<Unwound, UnwindError> {
+    let kind = frame_kind_at(handler, mem);
+    unwind_frame(handler, mem, kind, has_error_code).ok_or(UnwindError::Unreadable)
 }
 
 /// Whether L1's #UD handler at `handler` offers the instruction to L0's
@@ -523,8 +351,8 @@ impl L1Intercepts {
         mem: &mut dyn GuestPhysMemory,
         port: u16,
     ) -> GuestDebug {
-        let gp = idt_handler(state, mem, GP_VECTOR);
-        let ud = idt_handler(state, mem, UD_VECTOR);
+        let gp = handler_at(state, mem, GP_VECTOR);
+        let ud = handler_at(state, mem, UD_VECTOR);
         let key = (state.idtr.base, state.idtr.limit, gp, ud);
         if self.idt != Some(key) {
             self.idt = Some(key);
@@ -622,44 +450,110 @@ mod tests {
         words.iter().flat_map(|w| w.to_le_bytes()).collect()
     }
 
-    #[test]
-    fn test_parse_frame_64_with_error_code() {
-        let b = le64(&[0, 0x20_0010, 0x08, 0x46, 0x7_fff0, 0x10]);
-        let f = parse_frame(&b, FrameWidth::Bits64, true, 0x7_ffc8, 0x10, 0).unwrap();
-        assert_eq!(
-            f,
-            FaultFrame {
-                error_code: Some(0),
-                rip: 0x20_0010,
-                cs: 0x08,
-                rflags: 0x46,
-                rsp: 0x7_fff0,
-                ss: 0x10,
-                len: 48
-            }
-        );
-        // Without the error code the slots shift; a short read fails.
-        let f = parse_frame(&b[8..], FrameWidth::Bits64, false, 0, 0x10, 0).unwrap();
-        assert_eq!((f.rip, f.rsp, f.error_code), (0x20_0010, 0x7_fff0, None));
-        assert_eq!(
-            parse_frame(&b[..40], FrameWidth::Bits64, true, 0, 0x10, 0),
-            Err(UnwindError::Short { need: 48, have: 40 })
-        );
+    /// Flat 32-bit protected mode without paging at CPL 0 (CS 0x08, SS
+    /// 0x10), with a GDT at 0x6000: code 0x08, data 0x10, user code 0x1b,
+    /// user data 0x23.
+    fn flat32(ram: &GuestRam) -> VcpuState {
+        let gdt = [
+            0x00cf_9b00_0000_ffff,
+            0x00cf_9300_0000_ffff,
+            0x00cf_fb00_0000_ffff,
+            0x00cf_f300_0000_ffff,
+        ];
+        ram.write_bytes(0x6008, &le64(&gdt)).unwrap();
+        let mut s = flat64();
+        s.cr0 = 0x11;
+        s.msrs.efer = 0;
+        s.cs.ar = 0xc09b;
+        s.gdtr.base = 0x6000;
+        s.gdtr.limit = 0x27;
+        s
     }
 
     #[test]
-    fn test_parse_frame_32_without_privilege_change_has_no_stack() {
+    fn test_read_frame_64_with_error_code() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let mut h = paged(&ram);
+        let frame = le64(&[0, 0x20_0010, 0x08, 0x46, 0x7_fff0, 0x10]);
+        ram.write_bytes(0x7_ffc8, &frame).unwrap();
+        h.gprs.regs[4] = 0x7_ffc8;
+        let mut m = RamView(&ram);
+        let f = read_frame(&h, &mut m, true).unwrap();
+        assert_eq!(f.error_code, Some(0));
+        let p = f.pre;
+        assert_eq!(
+            (
+                p.rip,
+                p.cs.selector,
+                p.rflags,
+                p.gprs.regs[4],
+                p.ss.selector
+            ),
+            (0x20_0010, 0x08, 0x46, 0x7_fff0, 0x10)
+        );
+        // Without the error code the slots shift; a short read fails.
+        h.gprs.regs[4] = 0x7_ffd0;
+        let f = read_frame(&h, &mut m, false).unwrap();
+        assert_eq!(
+            (f.pre.rip, f.pre.gprs.regs[4], f.error_code),
+            (0x20_0010, 0x7_fff0, None)
+        );
+        // The SS slot of this frame lies beyond RAM.
+        ram.write_bytes(0x40_0000 - 40, &frame[..40]).unwrap();
+        h.gprs.regs[4] = 0x40_0000 - 40;
+        assert_eq!(read_frame(&h, &mut m, true), Err(UnwindError::Unreadable));
+    }
+
+    #[test]
+    fn test_read_frame_32_without_privilege_change_has_no_stack() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let mut h = flat32(&ram);
+        let mut m = RamView(&ram);
         // error code, EIP, CS (RPL 0), EFLAGS; then the interrupted stack.
-        let b = le32(&[0, 0x10_2000, 0x08, 0x202, 0xdead, 0xbeef]);
-        let f = parse_frame(&b, FrameWidth::Bits32, true, 0x9_0000, 0x10, 0).unwrap();
-        assert_eq!(f.rip, 0x10_2000);
-        assert_eq!(f.rsp, 0x9_0010, "ESP above the 4-slot frame");
-        assert_eq!(f.ss, 0x10);
-        assert_eq!(f.len, 16);
-        // CS with RPL 3 under a CPL-0 handler: SS:ESP were pushed.
-        let b = le32(&[0x10_2000, 0x1b, 0x202, 0x5000, 0x23]);
-        let f = parse_frame(&b, FrameWidth::Bits32, false, 0x9_0000, 0x10, 0).unwrap();
-        assert_eq!((f.rsp, f.ss, f.len), (0x5000, 0x23, 20));
+        let frame = le32(&[0, 0x10_2000, 0x08, 0x202, 0xdead, 0xbeef]);
+        ram.write_bytes(0x9_0000, &frame).unwrap();
+        h.gprs.regs[4] = 0x9_0000;
+        let f = read_frame(&h, &mut m, true).unwrap();
+        assert_eq!(f.pre.rip, 0x10_2000);
+        assert_eq!(f.pre.gprs.regs[4], 0x9_0010, "ESP above the 4-slot frame");
+        assert_eq!(f.pre.ss, h.ss);
+        assert!(unwind(&h, &f).is_ok());
+        // CS with RPL 3 under a CPL-0 handler: SS:ESP were pushed; L0
+        // leaves such a frame to L1's handler.
+        let frame = le32(&[0x10_2000, 0x1b, 0x202, 0x5000, 0x23]);
+        ram.write_bytes(0x9_0000, &frame).unwrap();
+        let f = read_frame(&h, &mut m, false).unwrap();
+        assert_eq!((f.pre.gprs.regs[4], f.pre.ss.selector), (0x5000, 0x23));
+        assert!(matches!(
+            unwind(&h, &f),
+            Err(UnwindError::PrivilegeChange {
+                frame_cs: 0x1b,
+                frame_ss: 0x23,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn test_read_frame_takes_a_16_bit_gate_from_the_idt() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let mut h = flat32(&ram);
+        let mut m = RamView(&ram);
+        // #UD: a 16-bit trap gate (type 7) to 0x08:0x3000.
+        h.idtr.base = 0x7000;
+        h.idtr.limit = 0xff;
+        let gate = 0x3000 | (0x08 << 16) | (0x87 << 40);
+        ram.write_bytes(0x7000 + 6 * 8, &le64(&[gate])).unwrap();
+        h.rip = 0x3000;
+        h.gprs.regs[4] = 0x9_0000;
+        // IP, CS, FLAGS as 2-byte slots.
+        ram.write_bytes(0x9_0000, &[0x34, 0x12, 0x08, 0x00, 0x02, 0x02])
+            .unwrap();
+        let f = read_frame(&h, &mut m, false).unwrap();
+        assert_eq!((f.pre.rip, f.pre.gprs.regs[4]), (0x1234, 0x9_0006));
+        // Away from that handler the mode's 32-bit layout applies.
+        h.rip = 0x3001;
+        assert_ne!(read_frame(&h, &mut m, false).map(|f| f.pre.rip), Ok(0x1234));
     }
 
     fn flat64() -> VcpuState {
@@ -686,27 +580,23 @@ mod tests {
 
     #[test]
     fn test_unwind_restores_rip_rflags_rsp() {
-        let mut h = flat64();
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let mut h = paged(&ram);
         h.rip = 0x30_0000;
         h.rflags = 0x2;
         h.gprs.regs[4] = 0x7_ffc8;
         h.gprs.regs[0] = 7;
-        let f = FaultFrame {
-            error_code: Some(0),
-            rip: 0x20_0010,
-            cs: 0x08,
-            rflags: 0x246,
-            rsp: 0x7_fff0,
-            ss: 0x10,
-            len: 48,
-        };
+        let frame = le64(&[0, 0x20_0010, 0x08, 0x246, 0x7_fff0, 0x10]);
+        ram.write_bytes(0x7_ffc8, &frame).unwrap();
+        let f = read_frame(&h, &mut RamView(&ram), true).unwrap();
         let s = unwind(&h, &f).unwrap();
         assert_eq!(
             (s.rip, s.rflags, s.gprs.regs[4]),
             (0x20_0010, 0x246, 0x7_fff0)
         );
         assert_eq!(s.gprs.regs[0], 7, "other registers stay");
-        let user = FaultFrame { cs: 0x33, ..f };
+        let mut user = f;
+        user.pre.cs.selector = 0x33;
         assert!(matches!(
             unwind(&h, &user),
             Err(UnwindError::PrivilegeChange { frame_cs: 0x33, .. })
@@ -827,7 +717,7 @@ mod tests {
     }
 
     #[test]
-    fn test_idt_handler_reads_64_bit_gates() {
+    fn test_handler_at_reads_64_bit_gates_and_skips_real_mode() {
         let ram = GuestRam::new(4 << 20).unwrap();
         let mut s = paged(&ram);
         s.idtr.base = 0x10_0000;
@@ -839,13 +729,22 @@ mod tests {
             (target & 0xffff) | (0x08 << 16) | (0x8e00 << 32) | ((target >> 16 & 0xffff) << 48);
         m.write_u64(0x10_0000 + 13 * 16, lo).unwrap();
         m.write_u64(0x10_0000 + 13 * 16 + 8, target >> 32).unwrap();
-        assert_eq!(idt_handler(&s, &mut m, 13), Some(target));
+        assert_eq!(handler_at(&s, &mut m, 13), Some(target));
         // #UD: not present.
         m.write_u64(0x10_0000 + 6 * 16, lo & !(1 << 47)).unwrap();
-        assert_eq!(idt_handler(&s, &mut m, 6), None);
+        assert_eq!(handler_at(&s, &mut m, 6), None);
+        assert_eq!(
+            read_gate(&s, &mut m, 6),
+            Err(crate::idt::GateError::NotPresent)
+        );
+        // Real mode: the IVT has an entry, but L0 arms nothing there.
+        let mut r = s;
+        (r.cr0, r.msrs.efer) = (0x10, 0);
+        assert!(read_gate(&r, &mut m, 13).is_ok());
+        assert_eq!(handler_at(&r, &mut m, 13), None);
         // Vector beyond the limit.
         s.idtr.limit = 13 * 16 - 1;
-        assert_eq!(idt_handler(&s, &mut m, 13), None);
+        assert_eq!(handler_at(&s, &mut m, 13), None);
     }
 
     #[test]
@@ -931,13 +830,12 @@ mod tests {
             s.rip = rsp.rotate_left(17);
             let mut m = RamView(&ram);
             for v in [GP_VECTOR, UD_VECTOR, 0xff] {
-                if let Some(h) = idt_handler(&s, &mut m, v) {
+                if let Some(h) = handler_at(&s, &mut m, v) {
                     let _ = handler_uses_trap_port(&s, &mut m, h, 0xe0e);
                 }
             }
             for ec in [false, true] {
                 if let Ok(f) = read_frame(&s, &mut m, ec) {
-                    proptest::prop_assert!(f.len <= FrameWidth::of(&s).max_len());
                     let _ = unwind(&s, &f);
                 }
             }

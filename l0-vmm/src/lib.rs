@@ -10,6 +10,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod ept_slots;
 pub mod hv;
+pub mod idt;
 pub mod kvm;
 pub mod l1_image;
 pub mod l1_intercept;
