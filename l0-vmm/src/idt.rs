@@ -366,23 +366,25 @@ fn segment_or_current(
     }
 }
 
+/// Guest memory and L2 states for the gate and frame tests (shared with
+/// `nested::intercept`'s tests).
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
     use nested_exit::state::DescriptorTable;
     use vmcs12::FlatMemory;
 
-    const PML4: u64 = 0x1000;
-    const GDT: u64 = 0x6000;
-    const IDT: u64 = 0x6800;
-    const CODE: u64 = 0x10_0000;
-    const H6: u64 = 0x5000;
-    const STACK: u64 = 0x9_0000;
+    pub const PML4: u64 = 0x1000;
+    pub const GDT: u64 = 0x6000;
+    pub const IDT: u64 = 0x6800;
+    pub const CODE: u64 = 0x10_0000;
+    pub const H6: u64 = 0x5000;
+    pub const STACK: u64 = 0x9_0000;
 
     /// 4 MiB identity-mapped with 2 MiB pages; a GDT with 64-bit kernel
     /// code 0x08, data 0x10, 32-bit code 0x18 (base 0x1000), user data
     /// 0x23 and 64-bit user code 0x2b.
-    fn memory() -> FlatMemory {
+    pub fn memory() -> FlatMemory {
         let mut m = FlatMemory::new(0x40_0000);
         m.write_u64(PML4, 0x2000 | 3).unwrap();
         m.write_u64(0x2000, 0x3000 | 3).unwrap();
@@ -402,7 +404,7 @@ mod tests {
         m
     }
 
-    fn seg(selector: u16, ar: u32) -> Segment {
+    pub fn seg(selector: u16, ar: u32) -> Segment {
         Segment {
             selector,
             base: 0,
@@ -412,7 +414,7 @@ mod tests {
     }
 
     /// A 64-bit ring-0 L2 at CODE with the GDT and IDT above.
-    fn state64() -> VcpuState {
+    pub fn state64() -> VcpuState {
         let mut s = VcpuState {
             rip: CODE,
             rflags: 2,
@@ -445,7 +447,7 @@ mod tests {
     }
 
     /// A flat 32-bit protected-mode L2 without paging.
-    fn state32() -> VcpuState {
+    pub fn state32() -> VcpuState {
         let mut s = state64();
         s.cr0 = 0x11;
         s.cr4 = 0;
@@ -457,7 +459,7 @@ mod tests {
         s
     }
 
-    fn gate64(m: &mut FlatMemory, vector: u8, handler: u64, ty: u64, present: bool) {
+    pub fn gate64(m: &mut FlatMemory, vector: u8, handler: u64, ty: u64, present: bool) {
         let p = if present { 0x80 } else { 0 };
         let lo = (handler & 0xffff)
             | (0x08 << 16)
@@ -468,7 +470,7 @@ mod tests {
             .unwrap();
     }
 
-    fn gate32(m: &mut FlatMemory, vector: u8, selector: u64, handler: u64, ty: u64) {
+    pub fn gate32(m: &mut FlatMemory, vector: u8, selector: u64, handler: u64, ty: u64) {
         let lo = (handler & 0xffff)
             | (selector << 16)
             | ((0x80 | ty) << 40)
@@ -477,17 +479,24 @@ mod tests {
     }
 
     /// Writes 8-byte slots at `at`.
-    fn push64(m: &mut FlatMemory, at: u64, slots: &[u64]) {
+    pub fn push64(m: &mut FlatMemory, at: u64, slots: &[u64]) {
         for (i, v) in slots.iter().enumerate() {
             m.write_u64(at + 8 * i as u64, *v).unwrap();
         }
     }
 
-    fn push32(m: &mut FlatMemory, at: u64, slots: &[u32]) {
+    pub fn push32(m: &mut FlatMemory, at: u64, slots: &[u32]) {
         for (i, v) in slots.iter().enumerate() {
             m.write_u32(at + 4 * i as u64, *v).unwrap();
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::*;
+    use super::*;
+    use nested_exit::state::DescriptorTable;
 
     #[test]
     fn test_gates_of_each_mode() {

@@ -854,122 +854,26 @@ impl<V: FlushPending> Nested<V> {
 mod tests {
     use super::*;
     use crate::hv::{GuestDebug, IoctlCounters, Vcpu};
+    use crate::idt::fixtures::{gate64, push64, state32, state64, CODE, GDT, H6, IDT, STACK};
     use crate::idt::load_segment;
     use crate::nested::HostAction;
-    use nested_exit::state::DescriptorTable;
     use nested_exit::Segment;
     use proptest::prelude::*;
     use std::collections::VecDeque;
     use vmcs12::vmx::{CpuMode, InsnContext};
     use vmcs12::{FlatMemory, VmxCapabilities, VmxCpu, VMCS_REVISION_ID};
 
-    const PML4: u64 = 0x1000;
-    const GDT: u64 = 0x6000;
-    const IDT: u64 = 0x6800;
     const VMXON_REGION: u64 = 0x10000;
     const VMCS_REGION: u64 = 0x11000;
-    const CODE: u64 = 0x10_0000;
-    const H6: u64 = 0x5000;
     const H13: u64 = 0x5100;
     const H14: u64 = 0x5200;
-    const STACK: u64 = 0x9_0000;
 
-    /// 4 MiB identity-mapped with 2 MiB pages; a GDT with 64-bit kernel
-    /// code 0x08, data 0x10, 32-bit code 0x18 (base 0x1000), user data
-    /// 0x23 and 64-bit user code 0x2b.
+    /// `idt::fixtures::memory` plus a VMXON and a VMCS region.
     fn memory() -> FlatMemory {
-        let mut m = FlatMemory::new(0x40_0000);
-        m.write_u64(PML4, 0x2000 | 3).unwrap();
-        m.write_u64(0x2000, 0x3000 | 3).unwrap();
-        m.write_u64(0x3000, 0x83).unwrap();
-        m.write_u64(0x3008, 0x20_0000 | 0x83).unwrap();
-        let gdt: [u64; 6] = [
-            0,
-            0x00af_9b00_0000_ffff,
-            0x00cf_9300_0000_ffff,
-            0x00cf_9b00_1000_ffff,
-            0x00cf_f300_0000_ffff,
-            0x00af_fb00_0000_ffff,
-        ];
-        for (i, d) in gdt.iter().enumerate() {
-            m.write_u64(GDT + 8 * i as u64, *d).unwrap();
-        }
+        let mut m = crate::idt::fixtures::memory();
         m.write_u32(VMXON_REGION, VMCS_REVISION_ID).unwrap();
         m.write_u32(VMCS_REGION, VMCS_REVISION_ID).unwrap();
         m
-    }
-
-    fn seg(selector: u16, ar: u32) -> Segment {
-        Segment {
-            selector,
-            base: 0,
-            limit: 0xffff_ffff,
-            ar,
-        }
-    }
-
-    /// A 64-bit ring-0 L2 at CODE with the GDT and IDT above.
-    fn state64() -> VcpuState {
-        let mut s = VcpuState {
-            rip: CODE,
-            rflags: 2,
-            cr0: 0x8000_0031,
-            cr3: PML4,
-            cr4: 1 << 5,
-            cs: seg(0x08, 0xa09b),
-            ss: seg(0x10, 0xc093),
-            ds: seg(0x10, 0xc093),
-            es: seg(0x10, 0xc093),
-            fs: seg(0x10, 0xc093),
-            gs: seg(0x10, 0xc093),
-            ldtr: Segment {
-                ar: Segment::AR_UNUSABLE,
-                ..Segment::default()
-            },
-            gdtr: DescriptorTable {
-                base: GDT,
-                limit: 0x2f,
-            },
-            idtr: DescriptorTable {
-                base: IDT,
-                limit: 0xfff,
-            },
-            ..VcpuState::default()
-        };
-        s.msrs.efer = 0xd00 | VcpuState::EFER_LMA;
-        s.gprs.set(4, STACK);
-        s
-    }
-
-    /// A flat 32-bit protected-mode L2 without paging.
-    fn state32() -> VcpuState {
-        let mut s = state64();
-        s.cr0 = 0x11;
-        s.cr4 = 0;
-        s.msrs.efer = 0;
-        s.cs = seg(0x18, 0xc09b);
-        s.cs.base = 0x1000;
-        s.ss = seg(0x10, 0xc093);
-        s.idtr.limit = 0x7ff;
-        s
-    }
-
-    fn gate64(m: &mut FlatMemory, vector: u8, handler: u64, ty: u64, present: bool) {
-        let p = if present { 0x80 } else { 0 };
-        let lo = (handler & 0xffff)
-            | (0x08 << 16)
-            | ((p | ty) << 40)
-            | (((handler >> 16) & 0xffff) << 48);
-        m.write_u64(IDT + 16 * u64::from(vector), lo).unwrap();
-        m.write_u64(IDT + 16 * u64::from(vector) + 8, handler >> 32)
-            .unwrap();
-    }
-
-    /// Writes 8-byte slots at `at`.
-    fn push64(m: &mut FlatMemory, at: u64, slots: &[u64]) {
-        for (i, v) in slots.iter().enumerate() {
-            m.write_u64(at + 8 * i as u64, *v).unwrap();
-        }
     }
 
     #[test]
