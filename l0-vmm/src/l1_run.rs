@@ -900,6 +900,34 @@ fn l1_intercept_exit<V: Vcpu, L2: FlushPending>(
     Ok(true)
 }
 
+/// L1's state before the exception whose handler breakpoint fired (the
+/// frame unwound), if the frame can be unwound and, for `error_code`
+/// `Some(e)`, carries error code `e`; `None`: L1's handler gets it.
+fn l1_state_before_fault<V: Vcpu>(
+    l1: &mut V,
+    ctx: &mut InterceptCtx<'_, '_>,
+    what: &str,
+    error_code: Option<u32>,
+) -> Result<Option<VcpuState>, RunEnd> {
+    let handler = l1.get_state().map_err(l1_err("reading"))?;
+    let mut mem = RamView(ctx.ram);
+    let with_error_code = error_code.is_some();
+    let unwound = read_frame(&handler, &mut mem, with_error_code).and_then(|f| {
+        if f.error_code == error_code || !with_error_code {
+            unwind(&handler, &f).map(Some)
+        } else {
+            Ok(None)
+        }
+    });
+    match unwound {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            tracing::debug!("L1 {what} not unwound: {e}");
+            Ok(None)
+        }
+    }
+}
+
 /// L1's #GP handler was hit: completes a `mov cr4` that sets CR4.VMXE
 /// (KVM refuses it) when the SDM allows it; `Ok(false)`: L1's handler
 /// gets the #GP.
@@ -908,23 +936,11 @@ fn l1_gp_hit<V: Vcpu, L2: FlushPending>(
     l1: &mut V,
     ctx: &mut InterceptCtx<'_, '_>,
 ) -> Result<bool, RunEnd> {
-    let handler = l1.get_state().map_err(l1_err("reading"))?;
-    let mut mem = RamView(ctx.ram);
-    let pre = match read_frame(&handler, &mut mem, true).and_then(|f| {
-        // KVM's #GP for CR4.VMXE has error code 0.
-        if f.error_code == Some(0) {
-            unwind(&handler, &f).map(Some)
-        } else {
-            Ok(None)
-        }
-    }) {
-        Ok(Some(s)) => s,
-        Ok(None) => return Ok(false),
-        Err(e) => {
-            tracing::debug!("L1 #GP not unwound: {e}");
-            return Ok(false);
-        }
+    // KVM's #GP for CR4.VMXE has error code 0.
+    let Some(pre) = l1_state_before_fault(l1, ctx, "#GP", Some(0))? else {
+        return Ok(false);
     };
+    let mut mem = RamView(ctx.ram);
     let Ok(Ok(bytes)) = fetch_insn_bytes(&pre, &mut mem) else {
         return Ok(false);
     };
@@ -978,15 +994,10 @@ fn l1_ud_hit<V: Vcpu, L2: FlushPending>(
     l1: &mut V,
     ctx: &mut InterceptCtx<'_, '_>,
 ) -> Result<bool, RunEnd> {
-    let handler = l1.get_state().map_err(l1_err("reading"))?;
-    let mut mem = RamView(ctx.ram);
-    let pre = match read_frame(&handler, &mut mem, false).and_then(|f| unwind(&handler, &f)) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::debug!("L1 #UD not unwound: {e}");
-            return Ok(false);
-        }
+    let Some(pre) = l1_state_before_fault(l1, ctx, "#UD", None)? else {
+        return Ok(false);
     };
+    let mut mem = RamView(ctx.ram);
     // A #UD L0 itself gave as the instruction's outcome is genuine.
     if *ctx.decided_ud == Some(pre.rip) {
         *ctx.decided_ud = None;

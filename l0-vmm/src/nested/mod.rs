@@ -3925,35 +3925,11 @@ mod tests {
         crate::kvm::KvmVcpu,
     )> {
         use crate::kvm::KvmVm;
-        use crate::memory::GuestRam;
-        use std::sync::Arc;
         if !crate::test_support::kvm_or_skip() {
             return None;
         }
-        let ram = Arc::new(GuestRam::new(4 << 20).unwrap());
-        ram.write_bytes(0, &memory().bytes).unwrap();
-        let gdt: [u64; 5] = [
-            0,
-            0x00af_9b00_0000_ffff,
-            0x00cf_9300_0000_ffff,
-            0x0000_8b00_7000_0067,
-            0,
-        ];
-        for (i, d) in gdt.iter().enumerate() {
-            ram.write_bytes(0x6000 + 8 * i as u64, &d.to_le_bytes())
-                .unwrap();
-        }
-        let gate = |vector: u64, handler: u64| {
-            let lo = (handler & 0xffff)
-                | (0x08 << 16)
-                | (0x8e00u64 << 32)
-                | ((handler >> 16) & 0xffff) << 48;
-            let hi = handler >> 32;
-            ram.write_bytes(0x6800 + 16 * vector, &lo.to_le_bytes())
-                .unwrap();
-            ram.write_bytes(0x6808 + 16 * vector, &hi.to_le_bytes())
-                .unwrap();
-        };
+        let ram = kvm_l2_ram(4 << 20);
+        let gate = |vector: u64, handler: u64| kvm_l2_gate(&ram, vector, handler);
         // 13: pop rax; out 0x80, eax; pop rax; out 0x81, eax; hlt
         ram.write_bytes(0x5000, &[0x58, 0xe7, 0x80, 0x58, 0xe7, 0x81, 0xf4])
             .unwrap();
@@ -3968,6 +3944,38 @@ mod tests {
         let vm = KvmVm::new_l2(ram.clone()).unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
         Some((ram, vm, vcpu))
+    }
+
+    /// RAM for a KVM L2 test: `memory()` plus a GDT at 0x6000 with 64-bit
+    /// code 0x08, data 0x10 and a TSS 0x18 at 0x7000.
+    pub(super) fn kvm_l2_ram(size: u64) -> std::sync::Arc<crate::memory::GuestRam> {
+        let ram = std::sync::Arc::new(crate::memory::GuestRam::new(size).unwrap());
+        ram.write_bytes(0, &memory().bytes).unwrap();
+        let gdt: [u64; 5] = [
+            0,
+            0x00af_9b00_0000_ffff,
+            0x00cf_9300_0000_ffff,
+            0x0000_8b00_7000_0067,
+            0,
+        ];
+        for (i, d) in gdt.iter().enumerate() {
+            ram.write_bytes(0x6000 + 8 * i as u64, &d.to_le_bytes())
+                .unwrap();
+        }
+        ram
+    }
+
+    /// A 64-bit interrupt gate (CS 0x08) for `vector` in the IDT at 0x6800.
+    pub(super) fn kvm_l2_gate(ram: &crate::memory::GuestRam, vector: u64, handler: u64) {
+        let lo = (handler & 0xffff)
+            | (0x08 << 16)
+            | (0x8e00u64 << 32)
+            | ((handler >> 16) & 0xffff) << 48;
+        let hi = handler >> 32;
+        ram.write_bytes(0x6800 + 16 * vector, &lo.to_le_bytes())
+            .unwrap();
+        ram.write_bytes(0x6808 + 16 * vector, &hi.to_le_bytes())
+            .unwrap();
     }
 
     /// Runs `vcpu` from 0x7800 with `event` until HLT; returns the OUTs.

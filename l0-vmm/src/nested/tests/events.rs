@@ -600,26 +600,9 @@ fn krig() -> Option<KRig> {
     if !crate::test_support::kvm_or_skip() {
         return None;
     }
-    let ram = Arc::new(GuestRam::new(16 << 20).unwrap());
-    ram.write_bytes(0, &memory().bytes).unwrap();
-    let gdt: [u64; 5] = [
-        0,
-        0x00af_9b00_0000_ffff,
-        0x00cf_9300_0000_ffff,
-        0x0000_8b00_7000_0067,
-        0,
-    ];
-    for (i, d) in gdt.iter().enumerate() {
-        ram.write_bytes(0x6000 + 8 * i as u64, &d.to_le_bytes())
-            .unwrap();
-    }
+    let ram = kvm_l2_ram(16 << 20);
     let handler: u64 = 0x5100;
-    let lo =
-        (handler & 0xffff) | (0x08 << 16) | (0x8e00u64 << 32) | ((handler >> 16) & 0xffff) << 48;
-    ram.write_bytes(0x6800 + 16 * 0x40, &lo.to_le_bytes())
-        .unwrap();
-    ram.write_bytes(0x6808 + 16 * 0x40, &0u64.to_le_bytes())
-        .unwrap();
+    kvm_l2_gate(&ram, 0x40, handler);
     ram.write_bytes(handler, &[0x58, 0xe7, 0x81, 0xf4]).unwrap();
     let vm = KvmVm::new_l2(ram.clone()).unwrap();
     vm.filter_all_msrs().unwrap();
